@@ -1,0 +1,1 @@
+"""Datasets: synthetic scenes, the standard formats, checks and joint augmentation."""
