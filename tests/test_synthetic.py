@@ -468,3 +468,12 @@ def test_cli_json_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     summary = json.loads(capsys.readouterr().out)
     assert summary["scene"]["person_fraction"] == 1.0
     assert sum(c["annotations"] for c in summary["splits"].values()) >= 3  # a person per image
+
+
+def test_polygons_of_parts_off_the_image_are_left_out(tmp_path: Path) -> None:
+    # seed 3 at 320x320 draws a person with a limb wholly left of the image: its polygon would
+    # rasterise to nothing and `data check` refuses such polygons, so the writer leaves it out
+    from pixelwise.data.check import check_dataset
+
+    synthesize("instance", tmp_path, num=3, size=(320, 320), seed=3)
+    assert check_dataset(tmp_path) == []

@@ -16,6 +16,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image
 
+from pixelwise.data.check import polygon_problem
 from pixelwise.data.synth_scene import IGNORE, Category, Scene, SceneObject
 from pixelwise.data.synth_shapes import COCO_KEYPOINT_NAMES, COCO_SKELETON
 
@@ -121,7 +122,12 @@ def segmentation(obj: SceneObject, visible: np.ndarray) -> list | dict:
     if obj.iscrowd:
         return uncompressed_rle(visible)
     if obj.polygons is not None and not obj.occluded:
-        return obj.polygons
+        height, width = visible.shape
+        # a part (a limb) wholly off the image rasterises to nothing: leave it out, the decoded
+        # mask stays exactly the visible one and `data check` accepts every polygon
+        on_image = [poly for poly in obj.polygons if polygon_problem(poly, height, width) is None]
+        if on_image:
+            return on_image
     return compressed_rle(visible)
 
 
