@@ -20,7 +20,8 @@ import sys
 from pixelwise import __version__
 
 # subcommand modules, in the order `--help` lists them
-COMMAND_MODULES = ("data", "metrics", "models", "upsamplers", "explain", "demo")
+COMMAND_MODULES = ("data", "metrics", "models", "train", "eval", "predict", "export", "upsamplers",
+                   "explain", "demo")
 
 EXIT_USER_ERROR = 2
 
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # stdout closed early (e.g. `pixelwise ... --json | head`): not an error worth a message
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as exc:
         if os.environ.get("PIXELWISE_DEBUG"):
             raise

@@ -1,0 +1,93 @@
+"""`pixelwise eval RUN`: evaluate a trained run's checkpoint on a dataset split.
+
+The model, task, classes and input size come from the checkpoint alone. No torch import at
+module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from pixelwise.cli._common import add_json_flag, emit_json
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a trained run on a dataset split (semantic: mIoU, accuracy, Dice, ...)",
+        description="Rebuild the model of RUN's checkpoint and report the task's metrics on "
+        "--split of --data (default: the data the run was trained on).",
+    )
+    parser.add_argument("run_dir", type=Path, metavar="RUN", help="run directory or checkpoint")
+    parser.add_argument("--data", type=Path, default=None, help="dataset folder")
+    parser.add_argument("--split", default="val", help="split to evaluate (default val)")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                        help="which checkpoint of RUN (default best, else last)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    add_json_flag(parser)
+    parser.set_defaults(func=run)
+
+
+def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which: str = "best",
+                 batch_size: int = 8, workers: int = 0, device: str = "auto") -> dict[str, Any]:
+    """The task's metrics of `run_dir`'s checkpoint on `split` of `data`."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from pixelwise.engine.checkpoint import find_checkpoint, load_model, read_meta
+    from pixelwise.engine.distributed import resolve_device
+    from pixelwise.errors import UserError
+    from pixelwise.tasks import build_task
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    path = find_checkpoint(run_dir, which)
+    meta = read_meta(path)
+    train_cfg = meta.get("train") or {}
+    if data is None:
+        if not train_cfg.get("data"):
+            raise UserError(f"{path}: no dataset recorded; pass --data DIR")
+        data = Path(train_cfg["data"])
+    task = build_task(meta["task"])
+    task.check_data(data)  # e.g. a different number of classes: one line, before any work
+    dev = resolve_device(device)
+    model, meta = load_model(path, device=dev)
+    size = train_cfg.get("size")
+    dataset = task.dataset(data, split, size=tuple(size) if size else None, train=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=task.collate,
+                        num_workers=workers)
+    logger.info("evaluating %s (%s, step %s) on %s split %r: %d images", path,
+                meta["model"]["name"], meta.get("progress", {}).get("step"), data, split,
+                len(dataset))
+    with torch.inference_mode():
+        return task.evaluate(model, loader, device=dev, amp=dev.type == "cuda")
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    metrics = evaluate_run(args.run_dir, args.data, split=args.split, which=args.checkpoint,
+                           batch_size=args.batch_size, workers=args.workers, device=args.device)
+    if args.json:
+        emit_json(metrics)
+        return 0
+    for key in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "dice"):
+        if key in metrics:
+            print(f"{key:<16}{_fmt(metrics[key])}")
+    per_class = metrics.get("per_class") or {}
+    if per_class:
+        width = max(10, *(len(name) for name in per_class))
+        print(f"\n{'class':<{width}}  {'IoU':>7}  {'Dice':>7}  {'acc':>7}")
+        for name, row in per_class.items():
+            print(f"{name:<{width}}  {_fmt(row.get('iou')):>7}  {_fmt(row.get('dice')):>7}  "
+                  f"{_fmt(row.get('accuracy')):>7}")
+    return 0

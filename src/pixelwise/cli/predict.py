@@ -1,0 +1,146 @@
+"""`pixelwise predict RUN IMAGE_OR_DIR... --out DIR`: label maps and overlays of images.
+
+    pixelwise predict runs/demo/run photos/ extra.tif --out preds
+    pixelwise predict RUN big.tif --out preds --tile 512 --overlap 128
+
+Writes OUT/NAME.png (palette PNG, pixel value = class index) and OUT/overlays/NAME.png (colour
+overlay with a legend of the classes present) per image. The model, classes, input channels and
+training size come from the checkpoint alone. Without --tile, images are resized to the run's
+training --size (if it had one) and the logits back to the image's size; with --tile, images are
+predicted at their native size (`--size` overrides both). An unreadable image is named on stderr, the others
+are still predicted, and the exit code is 1. No torch import at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pixelwise.cli._common import add_json_flag, emit_json
+from pixelwise.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+EXIT_SOME_FAILED = 1
+
+
+def _size(text: str) -> str | tuple[int, int]:
+    if text in ("train", "native"):
+        return text
+    from pixelwise.cli.train import parse_size
+
+    try:
+        return parse_size(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected train, native, HxW or one size, got {text!r}") from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="label maps (PNG), colour overlays and legends of images with a trained run",
+        description="Predict the label map of every image (folders: their png/jpg/jpeg/tif/"
+        "tiff/bmp files). Writes OUT/NAME.png (pixel value = class index, palette colours) "
+        "and OUT/overlays/NAME.png (classes over the image, legend of the classes present).",
+    )
+    parser.add_argument("run_dir", type=Path, metavar="RUN", help="run directory or checkpoint")
+    parser.add_argument("inputs", type=Path, nargs="+", metavar="IMAGE_OR_DIR",
+                        help="image files and/or folders of images")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                        help="which checkpoint of RUN (default best, else last)")
+    parser.add_argument("--size", type=_size, default=None,
+                        help="prediction size: train (the run's --size if it had one, else "
+                        "native; the default without --tile), native (the default with --tile), "
+                        "or HxW; outputs always have the image's size")
+    parser.add_argument("--tile", type=int, default=None, metavar="SIZE",
+                        help="predict in SIZE x SIZE tiles (images larger than memory allows)")
+    parser.add_argument("--overlap", type=int, default=None, metavar="PX",
+                        help="pixels shared by neighbouring tiles (default: the model's receptive "
+                        "field + output stride - 2, which makes tiles equal one pass)")
+    parser.add_argument("--pad-mode", default="reflect", choices=("reflect", "zeros"),
+                        help="how images are padded to multiples of the model's output stride "
+                        "before the pass (default reflect; cropped off the outputs)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="images per forward pass (tiles per pass with --tile; default 1)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="refuse images with more pixels (default 2^27; 0: no limit)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an existing non-empty --out (same names are replaced)")
+    add_json_flag(parser)
+    parser.set_defaults(func=run)
+
+
+def predict_run(args: argparse.Namespace, on_error: Any = None) -> dict[str, Any]:
+    """Everything `run` does but printing: returns the summary (see `predict_files`)."""
+    from pixelwise.engine.checkpoint import find_checkpoint, load_model
+    from pixelwise.engine.distributed import resolve_device
+    from pixelwise.predict import (
+        check_outputs,
+        expand_inputs,
+        make_predictor,
+        min_overlap,
+        predict_files,
+    )
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.tile is not None and args.tile < 1:
+        raise UserError(f"--tile must be >= 1, got {args.tile}")
+    if args.overlap is not None and args.tile is None:
+        raise UserError("--overlap applies to tiled prediction; pass --tile SIZE too")
+    if args.overlap is not None and args.overlap < 0:
+        raise UserError(f"--overlap must be >= 0, got {args.overlap}")
+    if args.max_pixels is not None and args.max_pixels < 0:
+        raise UserError(f"--max-pixels must be >= 0, got {args.max_pixels}")
+    files = expand_inputs(args.inputs)
+    path = find_checkpoint(args.run_dir, args.checkpoint)
+    device = resolve_device(args.device)
+    model, meta = load_model(path, device=device)
+    overlap = args.overlap
+    if args.tile is not None and overlap is None:
+        overlap = min_overlap(model)
+        if overlap is None:
+            raise UserError(f"{meta['model']['name']}: its receptive field is global; tiles "
+                            "cannot equal one pass; pass --overlap PX to tile anyway")
+        if overlap >= args.tile:
+            raise UserError(f"--tile {args.tile} is too small for the overlap {overlap} px that "
+                            f"{meta['model']['name']}'s receptive field needs; use --tile of "
+                            f"at least {2 * overlap} or pass a smaller --overlap")
+    size = args.size or ("native" if args.tile is not None else "train")
+    predictor = make_predictor(model, meta, size=size, tile=args.tile,
+                               overlap=overlap or 0, batch_size=args.batch_size,
+                               pad_mode=args.pad_mode)
+    check_outputs(files, args.out, predictor.outputs, overwrite=args.overwrite)
+    logger.info("predicting %d image%s with %s (%s, %s) on %s, size %s%s", len(files),
+                "" if len(files) == 1 else "s", path, meta["model"]["name"], meta["task"]["name"],
+                device, predictor.policy,
+                f", tiles {args.tile} overlap {overlap}" if args.tile else "")
+    summary = predict_files(predictor, files, args.out, max_pixels=args.max_pixels,
+                            on_error=on_error)
+    return {"checkpoint": str(path), "task": meta["task"]["name"], "size": predictor.policy,
+            "tile": args.tile, "overlap": overlap if args.tile else None, **summary}
+
+
+def run(args: argparse.Namespace) -> int:
+    def on_error(path: Path, message: str) -> None:
+        print(f"pixelwise: error: {message}", file=sys.stderr, flush=True)
+
+    summary = predict_run(args, on_error=on_error)
+    failed = len(summary["failed"])
+    if args.json:
+        emit_json(summary)
+    else:
+        out = Path(summary["out"])
+        print(f"predicted {summary['count']} image{'' if summary['count'] == 1 else 's'} "
+              f"(size {summary['size']}" + (f", tiles {summary['tile']} overlap "
+                                            f"{summary['overlap']}" if summary["tile"] else "")
+              + f") into {out}" + (f"; {failed} failed" if failed else ""))
+        print(f"  label maps  {out}/NAME.png (pixel value = class index)")
+        print(f"  overlays    {out / 'overlays'}/NAME.png")
+    return EXIT_SOME_FAILED if failed else 0

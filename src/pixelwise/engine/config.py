@@ -1,0 +1,113 @@
+"""`TrainConfig`: every choice of a training run, in one plain dataclass (no torch here).
+
+The config stops at the builder (`pixelwise.engine.trainer.train`): the model, task, optimizer,
+schedule and loaders below it receive explicit keyword arguments. It is stored as JSON in
+`RUN/config.json` and in every checkpoint, so a run can be resumed, evaluated and used for
+prediction without the command that started it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from pixelwise.errors import UserError
+
+OPTIMIZER_NAMES = ("adamw", "sgd")  # built in pixelwise.engine.trainer.OPTIMIZERS
+SCHEDULE_NAMES = ("cosine", "poly")  # built in pixelwise.engine.schedules.SCHEDULES
+
+
+@dataclass
+class TrainConfig:
+    """One training run.
+
+    `batch_size` is the global batch: under DDP each of the N processes loads `batch_size / N`
+    images per step, so a run gives the same schedule whatever the number of processes.
+    `max_steps` only stops early: the learning-rate schedule still spans `epochs`, so a run cut
+    short and resumed follows the same curve as one that never stopped.
+    """
+
+    data: str | None = None  # dataset root (layout of pixelwise.data)
+    out: str = "runs/train"  # the RUN directory
+    task: str = "semantic"
+    model: str = "unet"
+    model_options: dict[str, Any] = field(default_factory=dict)  # passed to build_model as kwargs
+    loss: str | None = None  # task's default when None (semantic: "ce")
+    class_weights: list[float] | None = None
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1e-4  # not applied to biases and normalisation weights
+    schedule: str = "cosine"
+    warmup_steps: int | None = None  # None: 5% of the total steps
+    power: float = 0.9  # poly only
+    size: tuple[int, int] | None = None  # (H, W) every image is resized to; None: as stored
+    amp: bool = True  # mixed precision on CUDA (float16 + GradScaler); ignored on CPU
+    clip_grad: float | None = None  # max global gradient norm
+    seed: int = 0
+    deterministic: bool = False
+    max_steps: int | None = None
+    workers: int = 0  # DataLoader worker processes
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    val_every: int = 1  # epochs between validations
+    progress: bool = True  # tqdm bar on stderr (rank 0)
+
+    def __post_init__(self) -> None:
+        if self.size is not None:
+            self.size = (int(self.size[0]), int(self.size[1]))
+        if self.class_weights is not None:
+            self.class_weights = [float(w) for w in self.class_weights]
+        self.model_options = dict(self.model_options)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `UserError` naming the first impossible value."""
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size,
+                    "val_every": self.val_every}
+        for name, value in positive.items():
+            if int(value) < 1:
+                raise UserError(f"{name} must be >= 1, got {value}")
+        if not self.lr > 0:
+            raise UserError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise UserError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise UserError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.workers < 0:
+            raise UserError(f"workers must be >= 0, got {self.workers}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise UserError(f"clip_grad must be > 0, got {self.clip_grad}")
+        if self.size is not None and min(self.size) < 1:
+            raise UserError(f"size must be positive, got {self.size[0]}x{self.size[1]}")
+        if self.optimizer not in OPTIMIZER_NAMES:
+            from pixelwise.errors import unknown_name
+
+            raise unknown_name("optimizer", self.optimizer, OPTIMIZER_NAMES)
+        if self.schedule not in SCHEDULE_NAMES:
+            from pixelwise.errors import unknown_name
+
+            raise unknown_name("schedule", self.schedule, SCHEDULE_NAMES)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        if self.size is not None:
+            out["size"] = list(self.size)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown training settings: {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)

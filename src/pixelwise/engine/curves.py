@@ -1,0 +1,116 @@
+"""The training curves of a run as a PNG (matplotlib, Agg backend): train loss terms, validation
+metrics and learning rate against epochs, read from `RUN/metrics.jsonl`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# nested metric groups that are tables, not curves
+_SKIP = {"per_class", "per_category", "per_class_pq"}
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl` file (one JSON object per line; blank lines skipped)."""
+    lines = Path(path).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def scalar_series(records: list[dict[str, Any]], group: str
+                  ) -> dict[str, list[tuple[float, float]]]:
+    """`{name: [(epoch, value), ...]}` for every number in `record[group]` (one nesting level is
+    flattened as `outer/inner`; per-class tables and missing values are skipped)."""
+    series: dict[str, list[tuple[float, float]]] = {}
+
+    def add(name: str, x: float, value: Any) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            series.setdefault(name, []).append((x, float(value)))
+
+    for record in records:
+        x = float(record.get("epoch", 0.0))
+        for name, value in (record.get(group) or {}).items():
+            if name in _SKIP:
+                continue
+            if isinstance(value, dict):
+                for inner, inner_value in value.items():
+                    if inner not in _SKIP:
+                        add(f"{name}/{inner}", x, inner_value)
+            else:
+                add(name, x, value)
+    return series
+
+
+def plot_curves(records: list[dict[str, Any]], out: str | os.PathLike, title: str = "") -> Path:
+    """Write the curves PNG to `out` atomically (temporary file, then `os.replace`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    train = scalar_series(records, "train")
+    val = scalar_series(records, "val")
+    lr = [(float(r.get("epoch", 0.0)), float(r["lr"])) for r in records if "lr" in r]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.0))
+    ax = axes[0]
+    terms = [name for name in train if name != "loss"]
+    for name, points in train.items():
+        total = name == "loss"
+        if len(terms) == 1 and not total:
+            continue  # one term: the total is that term
+        xs, ys = zip(*points)
+        label = (f"total ({terms[0]})" if len(terms) == 1 else "total") if total else name
+        ax.plot(xs, ys, marker="o", markersize=3, linewidth=2.2 if total else 1.2,
+                label=label, color="black" if total else None)
+    ax.set_title("training loss (epoch mean)")
+    ax.set_xlabel("epoch")
+    if train:
+        values = [y for pts in train.values() for _, y in pts]
+        if min(values) > 0 and max(values) / min(values) > 20:  # a log axis only when it helps
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+    ax = axes[1]
+    for name, points in val.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", markersize=3, linewidth=2.2 if name == "miou" else 1.2,
+                label=f"{name} (last {ys[-1]:.3f}, best {max(ys):.3f})")
+    ax.set_title("validation")
+    ax.set_xlabel("epoch")
+    if val:
+        values = [y for pts in val.values() for _, y in pts]
+        if 0.0 <= min(values) and max(values) <= 1.0:
+            ax.set_ylim(0.0, 1.0)
+        # below the axes: metric curves fill the whole [0, 1] range, a legend inside hides them
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+                  frameon=False)
+        ax.grid(alpha=0.3)
+    else:
+        ax.text(0.5, 0.5, "no validation data", ha="center", va="center", transform=ax.transAxes)
+
+    ax = axes[2]
+    if lr:
+        xs, ys = zip(*lr)
+        ax.plot(xs, ys, marker="o", markersize=3)
+    ax.grid(alpha=0.3)
+    ax.set_title("learning rate (at record)")
+    ax.set_xlabel("epoch")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+
+    if title:
+        fig.suptitle(title)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.27, top=0.86 if title else 0.91,
+                        wspace=0.25)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+    return out

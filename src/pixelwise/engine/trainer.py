@@ -1,0 +1,467 @@
+"""The task-agnostic training loop.
+
+`train(cfg)` is the builder: it reads a `TrainConfig`, builds the task, datasets and model, and
+runs a `Trainer`. The `Trainer` takes finished objects (a model, a task, datasets) and knows
+nothing about segmentation: each step it asks the task for a dict of scalar loss terms, sums
+them, steps the optimizer and schedule, and logs each term. Per epoch it evaluates (the task's
+metrics, reduced over DDP ranks), appends a record to `RUN/metrics.jsonl`, redraws
+`RUN/curves.png` and writes the `last` (and, when the task's `best_metric` improves, `best`)
+checkpoints. See `pixelwise.engine.checkpoint` for the file format.
+
+Exact resume: the sample order is a function of (seed, epoch), augmentation of (seed, epoch,
+index), and the model/optimizer/scheduler/scaler/RNG states are saved, so `N/2` steps, a resume
+and `N/2` more give the same parameters, bit for bit, as `N` steps (deterministic mode, CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
+
+from pixelwise.engine import distributed
+from pixelwise.engine.checkpoint import load_checkpoint, save_checkpoint
+from pixelwise.engine.config import TrainConfig
+from pixelwise.engine.curves import plot_curves, read_metrics
+from pixelwise.engine.loader import EpochSampler, SeededDataset, ShardSampler, make_loader
+from pixelwise.engine.schedules import WarmupSchedule, make_scheduler
+from pixelwise.engine.seed import deterministic_mode, get_rng_state, seed_everything, set_rng_state
+from pixelwise.errors import UserError, unknown_name
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+# what a run directory holds; `--overwrite` removes exactly these
+RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "last.safetensors", "best.safetensors")
+# settings that may change on resume without changing the result
+_RESUME_FREE = {"out", "data", "max_steps", "workers", "device", "progress", "epochs"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped without writing a checkpoint."""
+
+
+@dataclass
+class TrainState:
+    """Where a run is; saved in `last` so that resume continues from the same place."""
+
+    epoch: int = 0  # current epoch, 0-based
+    step_in_epoch: int = 0  # batches already trained in the current epoch
+    global_step: int = 0
+    images: int = 0  # images trained on, over all ranks
+    seconds: float = 0.0  # wall time spent training and validating
+    best: float | None = None  # best value of the task's best_metric
+    best_step: int | None = None
+    sums: dict[str, float] = field(default_factory=dict)  # loss-term sums in the current epoch
+
+
+def build_optimizer(model: nn.Module, name: str, *, lr: float, weight_decay: float,
+                    momentum: float = 0.9) -> torch.optim.Optimizer:
+    """AdamW or SGD (with momentum); biases and normalisation weights (1-D parameters) get no
+    weight decay."""
+    if name not in OPTIMIZERS:
+        raise unknown_name("optimizer", name, OPTIMIZERS)
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    groups = [{"params": params, "weight_decay": wd}
+              for params, wd in ((decay, weight_decay), (no_decay, 0.0)) if params]
+    if not groups:
+        raise UserError("the model has no trainable parameters")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return OPTIMIZERS[name](groups, lr=lr)
+
+
+def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to write into a non-empty `out` unless resuming or overwriting."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory")
+    if resume:
+        if not (out / "last.safetensors").is_file():
+            raise UserError(f"{out}: nothing to resume (no last.safetensors)")
+        return
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace its "
+                        "run files or --resume to continue the run")
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _kept(out: Path) -> str:
+    last = out / "last.safetensors"
+    return f"last good checkpoint: {last}" if last.is_file() else "no checkpoint written yet"
+
+
+def _format_terms(values: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4g}" for name, value in values.items())
+
+
+class Trainer:
+    """Train `model` on `task` with the settings of `cfg`.
+
+    Args:
+        cfg: the run's settings (optimizer, schedule, batch, epochs, out directory, ...).
+        model: the model; its `config` attribute (`{name, num_classes, options}`) is stored in the
+            checkpoints so the model can be rebuilt from them alone.
+        task: a task object (see `pixelwise.tasks`).
+        train_set / val_set: map-style datasets of samples the task's `collate` understands.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, task: Any, train_set: Dataset,
+                 val_set: Dataset | None = None, *, model_config: dict | None = None) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.task = task
+        self.train_set = train_set
+        self.val_set = val_set
+        self.model_config = (model_config if model_config is not None
+                             else getattr(model, "config", None))
+        self._last_plot = -math.inf
+
+    # seconds between redraws of curves.png (drawing takes a fraction of a second); the first
+    # record and the last are always drawn
+    plot_interval = 30.0
+
+    # ---- public -------------------------------------------------------------------------------
+
+    def fit(self, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        """Train until `cfg.epochs` (or `cfg.max_steps`); returns a summary dict.
+
+        Raises `NonFiniteLossError` if the loss becomes NaN/inf (the last checkpoint is kept).
+        """
+        own_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        info = distributed.setup(self.cfg.device)
+        try:
+            with deterministic_mode(self.cfg.deterministic):
+                return self._fit(info, resume=resume, overwrite=overwrite)
+        finally:
+            if own_group:
+                distributed.cleanup()
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def _fit(self, info: distributed.DistInfo, *, resume: bool, overwrite: bool) -> dict[str, Any]:
+        cfg, task = self.cfg, self.task
+        out = Path(cfg.out)
+        check_run_dir(out, resume=resume, overwrite=overwrite)
+        world, device = info.world_size, info.device
+        if cfg.batch_size % world:
+            raise UserError(f"batch size {cfg.batch_size} is not divisible by the {world} "
+                            "processes")
+        per_rank = cfg.batch_size // world
+        amp = cfg.amp and device.type == "cuda"
+        distributed.barrier()  # every rank has looked at `out` before rank 0 writes into it
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if overwrite and not resume:
+                for name in RUN_FILES:
+                    (out / name).unlink(missing_ok=True)
+            _write_json_atomic(out / "config.json", self._describe())
+        distributed.barrier()
+
+        if not resume:
+            seed_everything(cfg.seed)  # the training stream (dropout); the model is built already
+        model = self.model.to(device)
+
+        train_data = SeededDataset(self.train_set, cfg.seed)
+        sampler = EpochSampler(train_data, num_replicas=world, rank=info.rank, seed=cfg.seed)
+        drop_last = sampler.num_samples >= per_rank  # keep a lone partial batch of a tiny set
+        steps_per_epoch = (sampler.num_samples // per_rank if drop_last
+                           else math.ceil(sampler.num_samples / per_rank))
+        if steps_per_epoch < 1:
+            raise UserError("the training set is empty")
+        pin = device.type == "cuda"
+        train_loader = make_loader(train_data, sampler=sampler, batch_size=per_rank,
+                                   collate_fn=task.collate, workers=cfg.workers, seed=cfg.seed,
+                                   drop_last=drop_last, pin_memory=pin)
+        val_loader = None
+        if self.val_set is not None and len(self.val_set) > 0:
+            # seeded too, so that a dataset with randomness never draws from the training stream
+            val_data = SeededDataset(self.val_set, cfg.seed)
+            val_loader = make_loader(val_data, sampler=ShardSampler(len(self.val_set),
+                                     num_replicas=world, rank=info.rank), batch_size=per_rank,
+                                     collate_fn=task.collate, workers=cfg.workers, seed=cfg.seed,
+                                     drop_last=False, pin_memory=pin)
+
+        total_steps = cfg.epochs * steps_per_epoch
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.05 * total_steps)
+        optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr,
+                                    weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        scheduler = make_scheduler(optimizer, cfg.schedule, total_steps=total_steps,
+                                   warmup_steps=warmup, power=cfg.power)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        state = TrainState()
+        if resume:
+            state = self._restore(out / "last.safetensors", model, optimizer, scheduler, scaler)
+            scheduler.lr_lambdas[0] = WarmupSchedule(cfg.schedule, total_steps, warmup, cfg.power)
+            if info.is_main:
+                self._truncate_metrics(out / "metrics.jsonl", state.global_step)
+        train_model: nn.Module = model
+        if world > 1:
+            # a task whose model leaves some parameters unused in a step (e.g. R-CNN heads
+            # without targets) sets `find_unused_parameters = True`
+            train_model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=getattr(task, "find_unused_parameters", False))
+
+        stop_at = min(total_steps, cfg.max_steps or total_steps)
+        logger.info(
+            "training %s on %s: %d images, %d steps/epoch of %d images (%d process%s), "
+            "%d epochs, stopping at step %d", type(model).__name__, device, len(self.train_set),
+            steps_per_epoch, cfg.batch_size, world, "" if world == 1 else "es", cfg.epochs, stop_at)
+        if state.global_step >= stop_at:
+            logger.info("nothing to do: the run is at step %d already", state.global_step)
+            return self._summary(state, None, out)
+
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        bar = tqdm(total=stop_at, initial=state.global_step, unit="step", file=sys.stderr,
+                   dynamic_ncols=True, disable=not (cfg.progress and info.is_main), mininterval=0.5)
+        last_val: dict[str, Any] | None = None
+        with bar, logging_redirect_tqdm():
+            while state.global_step < stop_at:
+                sampler.set_epoch(state.epoch, skip=state.step_in_epoch * per_rank)
+                train_model.train()
+                bar.set_description(f"epoch {state.epoch + 1}/{cfg.epochs}")
+                t0 = time.perf_counter()
+                seg_images = 0
+                for batch in train_loader:
+                    values = self._step(train_model, model, batch, optimizer, scheduler, scaler,
+                                        device, amp, state, out)
+                    n = task.num_images(batch) * world
+                    seg_images += n
+                    state.images += n
+                    state.global_step += 1
+                    state.step_in_epoch += 1
+                    for name, value in values.items():
+                        state.sums[name] = state.sums.get(name, 0.0) + value
+                    speed = seg_images / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{speed:.1f}",
+                                    refresh=False)
+                    bar.update(1)
+                    if state.global_step >= stop_at:
+                        break
+                train_seconds = time.perf_counter() - t0
+                last_val = self._end_of_segment(model, optimizer, scheduler, scaler, val_loader,
+                                                state, steps_per_epoch, stop_at, train_seconds,
+                                                seg_images, device, amp, info, out) or last_val
+        return self._summary(state, last_val, out)
+
+    def _step(self, train_model: nn.Module, model: nn.Module, batch: Any,
+              optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+              device: torch.device, amp: bool, state: TrainState, out: Path) -> dict[str, float]:
+        """One optimisation step; returns the loss terms averaged over ranks (`loss` = sum)."""
+        batch = self.task.to_device(batch, device)
+        with torch.autocast(device.type, enabled=amp):
+            terms = self.task.loss(train_model, batch)
+        if not terms:
+            raise UserError(f"task {self.task.name!r} returned no loss terms")
+        total = torch.stack([term.float() for term in terms.values()]).sum()
+        reported = torch.stack([total.detach(), *[t.detach().float() for t in terms.values()]])
+        numbers = distributed.all_reduce_mean(reported).tolist()
+        values = dict(zip(["loss", *terms], numbers))
+        if not all(math.isfinite(v) for v in numbers):
+            raise NonFiniteLossError(
+                f"loss became {values['loss']} at step {state.global_step + 1} "
+                f"(epoch {state.epoch + 1}; {_format_terms(values)}); training stopped, "
+                f"{_kept(out)}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        if self.cfg.clip_grad is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), self.cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        return values
+
+    def _end_of_segment(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                        scaler: torch.amp.GradScaler, val_loader: Any, state: TrainState,
+                        steps_per_epoch: int, stop_at: int, train_seconds: float, seg_images: int,
+                        device: torch.device, amp: bool, info: distributed.DistInfo,
+                        out: Path) -> dict[str, Any] | None:
+        """After an epoch (or the last step): validate, record, checkpoint."""
+        cfg, task = self.cfg, self.task
+        bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()),
+                   None)
+        if bad is not None:  # a finite loss with non-finite gradients: never checkpoint that
+            raise NonFiniteLossError(f"parameter {bad} became non-finite by step "
+                                     f"{state.global_step}; training stopped, {_kept(out)}")
+        epoch_done = state.step_in_epoch >= steps_per_epoch
+        finished = state.global_step >= stop_at
+        steps = max(state.step_in_epoch, 1)
+        train_means = {name: total / steps for name, total in state.sums.items()}
+        epoch_position = state.epoch + state.step_in_epoch / steps_per_epoch
+        if epoch_done:
+            state.epoch += 1
+            state.step_in_epoch = 0
+            state.sums = {}
+        validate = val_loader is not None and (finished or state.epoch % cfg.val_every == 0)
+        t0 = time.perf_counter()
+        val = task.evaluate(model, val_loader, device=device, amp=amp) if validate else None
+        val_seconds = time.perf_counter() - t0
+        state.seconds += train_seconds + val_seconds
+        improved = False
+        score = None if val is None or task.best_metric is None else val.get(task.best_metric)
+        if score is not None and (state.best is None or score > state.best):
+            state.best, state.best_step, improved = float(score), state.global_step, True
+        record = {
+            "epoch": round(epoch_position, 6),
+            "step": state.global_step,
+            "lr": optimizer.param_groups[0]["lr"],
+            "time": round(state.seconds, 3),
+            "train_seconds": round(train_seconds, 3),
+            "val_seconds": round(val_seconds, 3),
+            "images_per_second": round(seg_images / max(train_seconds, 1e-9), 2),
+            "train": train_means,
+            "val": val,
+        }
+        message = (f"epoch {epoch_position:g}/{cfg.epochs} step {state.global_step}: "
+                   f"train {_format_terms(train_means)}")
+        if val is not None and task.best_metric in val and val[task.best_metric] is not None:
+            message += f"; val {task.best_metric} {val[task.best_metric]:.4f}"
+        message += f"; lr {record['lr']:.3g}; {record['images_per_second']:.1f} img/s"
+        logger.info(message + ("  (best)" if improved else ""))
+        if info.is_main:
+            with open(out / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if finished or time.monotonic() - self._last_plot >= self.plot_interval:
+                self._last_plot = time.monotonic()
+                try:
+                    plot_curves(read_metrics(out / "metrics.jsonl"), out / "curves.png",
+                                title=self._title())
+                except Exception as exc:  # a figure must never stop training
+                    logger.warning("could not draw %s: %s", out / "curves.png", exc)
+            meta = self._describe()
+            meta["progress"] = {"epoch": epoch_position, "step": state.global_step}
+            meta["metrics"] = val
+            if improved:
+                save_checkpoint(out / "best.safetensors", {"model": model.state_dict()},
+                                {**meta, "kind": "best"})
+            save_checkpoint(out / "last.safetensors", {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": get_rng_state(),
+                "trainer": dataclasses.asdict(state),
+            }, {**meta, "kind": "last"})
+        distributed.barrier()
+        return val
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _describe(self) -> dict[str, Any]:
+        return {"train": self.cfg.to_dict(), "model": self.model_config,
+                "task": self.task.config()}
+
+    def _title(self) -> str:
+        name = (self.model_config or {}).get("name", type(self.model).__name__)
+        return f"{self.task.name}: {name} ({Path(self.cfg.out).name})"
+
+    def _restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, scaler: torch.amp.GradScaler) -> TrainState:
+        tree, meta = load_checkpoint(path)
+        if meta.get("kind") != "last" or "trainer" not in tree:
+            raise UserError(f"{path}: not a resumable checkpoint (kind {meta.get('kind')!r})")
+        saved = meta.get("train", {})
+        changed = sorted(k for k, v in self.cfg.to_dict().items()
+                         if k not in _RESUME_FREE and k in saved and saved[k] != v)
+        if changed:
+            logger.warning("resuming %s with changed settings (%s): the result will differ from "
+                           "an uninterrupted run", path, ", ".join(changed))
+        model.load_state_dict(tree["model"])
+        optimizer.load_state_dict(tree["optimizer"])
+        scheduler.load_state_dict(tree["scheduler"])
+        if tree.get("scaler"):
+            scaler.load_state_dict(tree["scaler"])
+        set_rng_state(tree["rng"])
+        state = TrainState(**tree["trainer"])
+        logger.info("resuming %s at epoch %d, step %d", path, state.epoch + 1, state.global_step)
+        return state
+
+    @staticmethod
+    def _truncate_metrics(path: Path, step: int) -> None:
+        # records written after the checkpoint (a run that died later) would be repeated
+        if not path.is_file():
+            return
+        records = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path)
+
+    def _summary(self, state: TrainState, val: dict[str, Any] | None, out: Path) -> dict[str, Any]:
+        return {
+            "out": str(out),
+            "steps": state.global_step,
+            "epochs": state.epoch,
+            "images": state.images,
+            "seconds": round(state.seconds, 3),
+            "images_per_second": round(state.images / state.seconds, 2) if state.seconds else None,
+            "best_metric": self.task.best_metric,
+            "best": state.best,
+            "best_step": state.best_step,
+            "val": val,
+        }
+
+
+def _has_split(root: str | os.PathLike, split: str) -> bool:
+    from pixelwise.data.layout import detect_layout
+
+    return split in detect_layout(root).splits
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Build the task, datasets and model that `cfg` names and train them (see `Trainer.fit`).
+
+    With `resume`, `cfg.out/last.safetensors` is continued (its model, optimizer and progress);
+    `cfg` should be the run's saved config (`RUN/config.json`), with only `epochs`, `max_steps`,
+    `workers` or `device` changed.
+    """
+    from pixelwise.models import build_model
+    from pixelwise.models import model_options as model_options_of
+    from pixelwise.tasks import TASKS
+
+    check_run_dir(Path(cfg.out), resume=resume, overwrite=overwrite)
+    if cfg.data is None:
+        raise UserError("no training data given (--data DIR)")
+    if cfg.task not in TASKS:
+        raise unknown_name("task", cfg.task, TASKS)
+    valid_options = model_options_of(cfg.model)  # an unknown model name fails here, before data
+    options = {k: v for k, v in (("loss", cfg.loss), ("class_weights", cfg.class_weights))
+               if v is not None}
+    task = TASKS[cfg.task].from_data(cfg.data, **options)
+    train_set = task.dataset(cfg.data, "train", size=cfg.size, train=True)
+    val_set = None
+    if _has_split(cfg.data, "val"):
+        val_set = task.dataset(cfg.data, "val", size=cfg.size, train=False)
+    else:
+        logger.warning("%s has no val split: no validation, no best checkpoint", cfg.data)
+    model_options = dict(cfg.model_options)
+    if "in_channels" not in model_options and "in_channels" in valid_options:
+        model_options["in_channels"] = int(train_set[0][0].shape[0])  # 1 for grayscale data
+    seed_everything(cfg.seed)  # model initialisation
+    model = build_model(cfg.model, num_classes=task.num_classes, **model_options)
+    return Trainer(cfg, model, task, train_set, val_set).fit(resume=resume, overwrite=overwrite)

@@ -1,0 +1,150 @@
+"""U-Net (Ronneberger, Fischer & Brox 2015) on any encoder, "same" or the paper's "valid" padding.
+
+With padding="valid" (plain encoder only), the raw network (`forward_valid`) maps a tile of a
+valid size n to n - 2 * border (depth 4, two convs per level: 572 -> 388, border 92, valid sizes
+16k + 12 >= 188); `forward` then predicts an image of any size by the paper's overlap-tile strategy
+(mirror padding), in one pass (tile=None) or with `tile` x `tile` input tiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from pixelwise.decoders._upsample import UpsampleArg, needs_indices, per_stage
+from pixelwise.decoders.unet import UNetDecoder
+from pixelwise.encoders import Encoder
+from pixelwise.errors import UserError
+from pixelwise.models._encoder_options import build_encoder
+from pixelwise.models.base import EncoderDecoder
+from pixelwise.models.tiling import mirror_pad, overlap_tile
+
+
+def valid_output_size(n: int, depth: int, convs: int = 2) -> int | None:
+    """Output length of a valid U-Net for input length n, None if some 2x2 pool would see an odd
+    size (or nothing is left). depth 4, convs 2: 572 -> 388."""
+    size = n
+    for _ in range(depth):
+        size -= 2 * convs
+        if size <= 0 or size % 2:
+            return None
+        size //= 2
+    size -= 2 * convs
+    for _ in range(depth):
+        if size <= 0:
+            return None
+        size = 2 * size - 2 * convs
+    return size if size > 0 else None
+
+
+def smallest_valid_input(at_least: int, depth: int, convs: int = 2) -> int:
+    """The smallest valid input length >= at_least."""
+    n = max(1, at_least)
+    while valid_output_size(n, depth, convs) is None:
+        n += 1
+    return n
+
+
+class UNet(EncoderDecoder):
+    """encoder -> UNetDecoder -> 1x1 conv. (N, C, H, W) -> (N, K, H, W) in both padding modes."""
+
+    def __init__(
+        self, encoder: Encoder, decoder: UNetDecoder, num_classes: int, *, tile: int | None = None
+    ) -> None:
+        super().__init__(encoder, decoder, num_classes)
+        self.padding = encoder.padding
+        self.tile = tile
+        if self.padding == "valid":
+            self.depth = len(encoder.output_shape()) - 1
+            self.convs = encoder.convs
+            n = smallest_valid_input(1, self.depth, self.convs)
+            self.border = (n - valid_output_size(n, self.depth, self.convs)) // 2
+            if tile is not None and valid_output_size(tile, self.depth, self.convs) is None:
+                raise UserError(
+                    f"unet: tile {tile} is not a valid input size for depth {self.depth}; nearest "
+                    f"valid: {smallest_valid_input(tile, self.depth, self.convs)}"
+                )
+        elif tile is not None:
+            raise UserError("unet: tile applies to padding 'valid' only")
+
+    def forward_valid(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw network: (N, C, n, m) -> (N, K, n - 2 border, m - 2 border) in valid mode
+        (n, m valid sizes); same as forward in "same" mode."""
+        if self.padding == "valid":
+            for n in x.shape[-2:]:
+                if valid_output_size(n, self.depth, self.convs) is None:
+                    raise UserError(
+                        f"unet (valid): input size {n} is not valid for depth {self.depth}; "
+                        f"nearest valid: {smallest_valid_input(n, self.depth, self.convs)}"
+                    )
+        return super().forward(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.padding == "same":
+            return super().forward(images)
+        h, w = images.shape[-2:]
+        b = self.border
+        if self.tile is None:  # one pass over the mirror-padded image
+            nh = smallest_valid_input(h + 2 * b, self.depth, self.convs)
+            nw = smallest_valid_input(w + 2 * b, self.depth, self.convs)
+            y = self.forward_valid(mirror_pad(images, (b, nw - w - b, b, nh - h - b)))
+            return y[..., :h, :w]
+        return overlap_tile(
+            self.forward_valid, images, border=b, tile=self.tile, align=2**self.depth
+        )
+
+
+def _default_decoder_channels(encoder: Encoder, n_blocks: int) -> list[int]:
+    shapes = encoder.output_shape()
+    if shapes[0].stride == 1:  # plain: each block as wide as its skip (the paper)
+        return [s.channels for s in reversed(shapes[:-1])]
+    return [max(16, 256 // 2**i) for i in range(n_blocks)]  # SMP's (256, 128, 64, 32, 16)
+
+
+def unet(
+    num_classes: int,
+    in_channels: int = 3,
+    *,
+    encoder: str = "plain",
+    depth: int | None = None,
+    width: int | None = None,
+    padding: str = "same",
+    upsample: UpsampleArg = "bilinear",
+    decoder_channels: Sequence[int] | None = None,
+    norm: str = "batch",
+    weights: str | Path | None = None,
+    tile: int | None = None,
+) -> UNet:
+    """U-Net: encoder-decoder with concatenated skips, "same" or "valid" (overlap-tile) padding.
+
+    Plain encoder (depth 4, width 32 by default; the paper: width 64) or a torchvision one; decoder
+    blocks upsample to the skip's size with `upsample` (one name or one per block).
+    """
+    names = upsample if isinstance(upsample, (list, tuple)) else [upsample]
+    record = any(needs_indices(n) for n in per_stage(names, len(names), "unet"))
+    enc = build_encoder(
+        "unet",
+        encoder,
+        in_channels,
+        depth=depth,
+        width=width,
+        default_depth=4,
+        default_width=32,
+        padding=padding,
+        norm=norm,
+        weights=weights,
+        record_indices=record,
+    )
+    shapes = enc.output_shape()
+    n_blocks = len(shapes) - 1 + (shapes[0].stride.bit_length() - 1)
+    channels = (
+        list(decoder_channels)
+        if decoder_channels is not None
+        else _default_decoder_channels(enc, n_blocks)
+    )
+    dec = UNetDecoder(shapes, channels, upsample=upsample, padding=padding, norm=norm)
+    model = UNet(enc, dec, num_classes, tile=tile)
+    model.in_channels = in_channels
+    return model

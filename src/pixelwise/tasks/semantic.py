@@ -1,0 +1,184 @@
+"""The semantic segmentation task: data, loss terms and evaluation for the trainer.
+
+The model maps images `(N, C, H, W)` to logits `(N, K, H, W)`; the task turns a batch into a
+dict of loss terms (`"ce"`, `"dice"`, `"focal"`, as chosen by `loss="ce+dice"`) and evaluates
+with `pixelwise.metrics.semantic.SemanticMetrics`, summing the confusion matrix over DDP ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from pixelwise.engine.distributed import all_reduce_sum
+from pixelwise.errors import UserError
+from pixelwise.tasks.losses import make_losses
+
+logger = logging.getLogger(__name__)
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself, or torchvision's `{"out": ...}`."""
+    if isinstance(output, dict):
+        return output["out"]
+    return output
+
+
+def match_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The part of `target (N, H, W)` the logits `(N, K, h, w)` cover: itself when the sizes agree,
+    the centre crop when the model outputs less than its input (U-Net with `padding="valid"`)."""
+    h, w = logits.shape[-2:]
+    big_h, big_w = target.shape[-2:]
+    if (h, w) == (big_h, big_w):
+        return target
+    if h <= big_h and w <= big_w and (big_h - h) % 2 == 0 and (big_w - w) % 2 == 0:
+        top, left = (big_h - h) // 2, (big_w - w) // 2
+        return target[..., top:top + h, left:left + w]
+    raise UserError(
+        f"model output {h}x{w} does not fit target {big_h}x{big_w} (expected equal sizes, or a "
+        "centred crop for valid convolutions)"
+    )
+
+
+def collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack `(image (C, H, W), mask (H, W))` pairs into `(N, C, H, W)` and `(N, H, W)` tensors."""
+    sizes = {tuple(image.shape) for image, _ in samples}
+    if len(sizes) > 1:
+        listed = ", ".join("x".join(map(str, s)) for s in sorted(sizes))
+        raise UserError(f"images of one batch differ in size ({listed}); pass --size HxW")
+    images, masks = default_collate(samples)
+    return images.as_subclass(torch.Tensor), masks.as_subclass(torch.Tensor).long()
+
+
+class SemanticTask:
+    """Per-pixel classification into `num_classes` classes.
+
+    Args:
+        num_classes: K, the number of model outputs.
+        class_names: K names (metrics' `per_class` keys).
+        ignore_index: target value of unlabelled pixels (not counted in loss or metrics).
+        loss: loss terms joined by `+`, names from `pixelwise.tasks.losses.LOSSES`.
+        class_weights: K weights for every loss term.
+    """
+
+    name = "semantic"
+    best_metric = "miou"  # evaluate() key deciding the `best` checkpoint (higher is better)
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        class_names: Sequence[str] | None = None,
+        ignore_index: int | None = 255,
+        loss: str = "ce",
+        class_weights: Sequence[float] | None = None,
+    ) -> None:
+        if num_classes < 1:
+            raise UserError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.ignore_index = ignore_index
+        self.loss_spec = loss
+        self.class_weights = list(class_weights) if class_weights is not None else None
+        self.losses = make_losses(loss, ignore_index=ignore_index, class_weights=class_weights,
+                                  num_classes=self.num_classes)
+
+    @classmethod
+    def from_data(cls, root: str | Path, **options: Any) -> "SemanticTask":
+        """The task for the dataset at `root` (classes and ignore index from its classes.json)."""
+        from pixelwise.data.layout import detect_layout
+
+        layout = detect_layout(root)
+        classes = layout.classes()
+        if classes is None:
+            raise UserError(f"{root}: no classes.json (needed for semantic segmentation)")
+        return cls(classes.num_classes, class_names=list(classes.names),
+                   ignore_index=classes.ignore_index, **options)
+
+    def config(self) -> dict[str, Any]:
+        """JSON settings; `SemanticTask(**config minus "name")` rebuilds the task."""
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "ignore_index": self.ignore_index,
+            "loss": self.loss_spec,
+            "class_weights": self.class_weights,
+        }
+
+    def check_data(self, root: str | Path) -> None:
+        """A one-line `UserError` when the dataset's classes differ from this task's."""
+        other = SemanticTask.from_data(root)
+        if other.num_classes != self.num_classes:
+            raise UserError(
+                f"the model has {self.num_classes} classes but {root} has {other.num_classes} "
+                f"({', '.join(other.class_names or [])})"
+            )
+        if self.class_names and other.class_names and other.class_names != self.class_names:
+            logger.warning("class names differ: model %s, data %s", self.class_names,
+                           other.class_names)
+
+    def dataset(self, root: str | Path, split: str, *, size: tuple[int, int] | None = None,
+                train: bool = False) -> Dataset:
+        """The `split` of the dataset at `root`, resized to `size` (H, W) when given (masks by
+        nearest-exact); training adds a random horizontal flip."""
+        from pixelwise.data.semantic import SemanticDataset
+        from pixelwise.data.transforms import HorizontalFlip, JointTransform, Resize
+
+        steps: list[nn.Module] = []
+        if size is not None:
+            steps.append(Resize(list(size), antialias=True))
+        if train:
+            steps.append(HorizontalFlip(0.5))
+        transforms = JointTransform(steps) if steps else None
+        return SemanticDataset(root, split, transforms=transforms)
+
+    collate = staticmethod(collate)
+
+    def to_device(self, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = batch
+        non_blocking = device.type == "cuda"
+        return (images.to(device, non_blocking=non_blocking),
+                targets.to(device, non_blocking=non_blocking))
+
+    @staticmethod
+    def num_images(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return int(batch[0].shape[0])
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+             ) -> dict[str, torch.Tensor]:
+        """`{term: scalar}` for one batch `(images (N, C, H, W), targets (N, H, W))`."""
+        images, targets = batch
+        logits = logits_of(model(images))
+        targets = match_target(logits, targets)
+        logits = logits.float()  # losses in float32 also under autocast
+        return {name: term(logits, targets) for name, term in self.losses.items()}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable, *, device: torch.device,
+                 amp: bool = False) -> dict[str, Any]:
+        """SemanticMetrics over all `batches` (this rank's share; the confusion matrix is summed
+        over ranks). Returns `{miou, pixel_accuracy, mean_accuracy, fw_iou, dice, per_class}`."""
+        from pixelwise.metrics.semantic import SemanticMetrics
+
+        metrics = SemanticMetrics(self.num_classes, ignore_index=self.ignore_index,
+                                  class_names=self.class_names)
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in batches:
+                images, targets = self.to_device(batch, device)
+                with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+                    logits = logits_of(model(images))
+                metrics.update(logits.argmax(dim=1), match_target(logits, targets))
+        finally:
+            model.train(was_training)
+        metrics.confusion = all_reduce_sum(metrics.confusion)
+        return metrics.compute()

@@ -1,0 +1,82 @@
+"""U-Net: the paper's 572 -> 388 shapes and overlap-tile prediction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pixelwise.errors import UserError
+from pixelwise.models import build_model
+from pixelwise.models.tiling import mirror_pad, overlap_tile
+from pixelwise.models.unet import valid_output_size
+
+
+def test_paper_shapes_572_to_388() -> None:
+    # REFERENCES.md: 572->570->568 | 284->280 | 140->136 | 68->64 | 32->28 -> 56->52 -> ... -> 388
+    assert valid_output_size(572, depth=4) == 388
+    assert [n for n in range(100, 300) if valid_output_size(n, 4) is not None][:3] == [
+        188,
+        204,
+        220,
+    ]
+    assert all(
+        (n - 12) % 16 == 0 and valid_output_size(n, 4) == n - 184
+        for n in range(188, 700)
+        if valid_output_size(n, 4) is not None
+    )
+    model = build_model("unet", 2, padding="valid", width=2, upsample="transposed")
+    assert model.border == 92
+    with torch.no_grad():
+        feats = model.encoder(torch.zeros(1, 3, 572, 572))
+        assert [f.shape[-1] for f in feats] == [568, 280, 136, 64, 28]
+        assert model.forward_valid(torch.zeros(1, 3, 572, 572)).shape == (1, 2, 388, 388)
+    with pytest.raises(UserError, match="not valid.*nearest valid: 572"):
+        model.forward_valid(torch.zeros(1, 3, 570, 572))
+
+
+def _calibrated(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """BN running stats set to one batch's statistics, so every level of the net (the deep,
+    pooled ones too) contributes at unit scale: a misaligned pooling then shows."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 1.0
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval()
+
+
+@pytest.mark.parametrize("upsample", ["transposed", "nearest"])
+def test_overlap_tile_equals_one_pass(upsample: str) -> None:
+    """Valid-mode prediction of an arbitrary-size image by overlapping tiles equals one pass over
+    the mirror-padded image (border-free upsamplers; tiles aligned to the output stride)."""
+    opts = {"depth": 3, "width": 4, "padding": "valid", "upsample": upsample}
+    x = torch.rand(1, 3, 67, 71)  # 2 x 2 tiles
+    whole = _calibrated(build_model("unet", 3, **opts), x)
+    # tile 140 -> output 52; tiles step by 48 (a multiple of the stride 8), overlapping by 4
+    assert valid_output_size(140, depth=3) == 52
+    tiled = build_model("unet", 3, tile=140, **opts).eval()
+    tiled.load_state_dict(whole.state_dict())
+    with torch.no_grad():
+        a, b = whole(x), tiled(x)
+        # the same tiles stepping by 52 (not a multiple of 8) pool with another phase
+        misaligned = overlap_tile(whole.forward_valid, x, border=whole.border, tile=140, align=1)
+    assert a.shape == b.shape == (1, 3, 67, 71)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert (a - misaligned).abs().max() > 0.01
+
+
+def test_bad_tile_size() -> None:
+    with pytest.raises(UserError, match="tile 61 is not a valid input size"):
+        build_model("unet", 2, depth=2, width=4, padding="valid", tile=61)
+    with pytest.raises(UserError, match="padding 'valid' needs encoder 'plain'"):
+        build_model("unet", 2, encoder="resnet18", padding="valid")
+
+
+def test_mirror_pad_matches_torch_and_numpy() -> None:
+    x = torch.arange(2 * 5 * 4, dtype=torch.float32).view(1, 2, 5, 4)
+    torch.testing.assert_close(mirror_pad(x, (1, 3, 2, 4)), F.pad(x, (1, 3, 2, 4), mode="reflect"))
+    big = mirror_pad(x, (9, 11, 13, 7))  # wider than the image: numpy's repeated reflection
+    ref = np.pad(x.numpy(), ((0, 0), (0, 0), (13, 7), (9, 11)), mode="reflect")
+    np.testing.assert_array_equal(big.numpy(), ref)
