@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/pixelwise demo
+	$(VENV)/bin/pixelwise demo --task upsamplers
 
 test: setup
 	$(PY) -m pytest -q
