@@ -283,7 +283,7 @@ def test_predictors_dispatch_on_the_checkpoints_task(rgb: tuple[Path, Path]) -> 
     assert isinstance(make_predictor(model, meta), PREDICTORS["semantic"])
     assert PREDICTORS["semantic"] is SemanticPredictor
     with pytest.raises(UserError, match="semantic"):
-        make_predictor(model, {**meta, "task": {"name": "keypoints"}})
+        make_predictor(model, {**meta, "task": {"name": "depth"}})
 
 
 def test_running_out_of_memory_fails_that_image_only(tmp_path: Path) -> None:

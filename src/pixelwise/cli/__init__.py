@@ -21,7 +21,7 @@ from pixelwise import __version__
 
 # subcommand modules, in the order `--help` lists them
 COMMAND_MODULES = ("data", "metrics", "models", "train", "eval", "predict", "export", "upsamplers",
-                   "explain", "demo")
+                   "explain", "demo", "experiment")
 
 EXIT_USER_ERROR = 2
 

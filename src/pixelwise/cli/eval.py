@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate a trained run on a dataset split (semantic: mIoU, accuracy, Dice, ...)",
+        help="evaluate a trained run on a dataset split (semantic: mIoU, ...; instance, "
+        "keypoints: COCO AP; panoptic: PQ)",
         description="Rebuild the model of RUN's checkpoint and report the task's metrics on "
         "--split of --data (default: the data the run was trained on).",
     )
@@ -74,15 +75,41 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _print_panoptic(metrics: dict[str, Any]) -> None:
+    """PQ / SQ / RQ of all, things and stuff, then per class (as `pixelwise metrics panoptic`)."""
+    print(f"{'':10s}  {'PQ':>7}  {'SQ':>7}  {'RQ':>7}  {'N':>4}")
+    for group in ("all", "things", "stuff"):
+        r = metrics[group]
+        print(f"{group:10s}  {_fmt(r['pq']):>7}  {_fmt(r['sq']):>7}  {_fmt(r['rq']):>7}  "
+              f"{r['n']:>4}")
+    per_class = metrics.get("per_class") or {}
+    width = max(10, *(len(name) for name in per_class)) if per_class else 10
+    print(f"\n{'class':<{width}}  {'kind':<5}  {'PQ':>7}  {'SQ':>7}  {'RQ':>7}  "
+          f"{'TP':>5}  {'FP':>5}  {'FN':>5}")
+    for name, c in per_class.items():
+        print(f"{name:<{width}}  {'thing' if c['isthing'] else 'stuff':<5}  {_fmt(c['pq']):>7}  "
+              f"{_fmt(c['sq']):>7}  {_fmt(c['rq']):>7}  {c['tp']:>5}  {c['fp']:>5}  {c['fn']:>5}")
+
+
 def run(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run_dir, args.data, split=args.split, which=args.checkpoint,
                            batch_size=args.batch_size, workers=args.workers, device=args.device)
     if args.json:
         emit_json(metrics)
         return 0
+    if "things" in metrics and "stuff" in metrics:
+        _print_panoptic(metrics)
+        return 0
     for key in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "dice"):
         if key in metrics:
             print(f"{key:<16}{_fmt(metrics[key])}")
+    coco = {k: v for k, v in metrics.items() if isinstance(v, dict) and "AP" in v}
+    if coco:  # instance / keypoints: COCO AP per iou type (-1: no ground truth of that size)
+        names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        print(f"{'':<10}" + "".join(f"{n:>8}" for n in names))
+        for iou_type, stats in coco.items():
+            cells = [_fmt(None if stats.get(n, -1) < 0 else stats[n]) for n in names]
+            print(f"{iou_type:<10}" + "".join(f"{c:>8}" for c in cells))
     per_class = metrics.get("per_class") or {}
     if per_class:
         width = max(10, *(len(name) for name in per_class))

@@ -49,7 +49,32 @@ MODEL_OPTION_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--pad-mode", "pad_mode", str, "patch_classifier: zeros or reflect"),
     ("--kernel-size", "kernel_size", int, "flat_fcn: conv kernel size"),
     ("--dilation", "dilation", int, "flat_fcn: conv dilation"),
+    ("--backbone", "backbone", str, "detection models: resnet18, resnet34, resnet50 (default), "
+                                    "mobilenet_v3_large (with FPN)"),
+    ("--anchor-sizes", "anchor_sizes", _ints, "R-CNN: comma-separated anchor size per FPN level "
+                                              "(5; default 16,32,64,128,256)"),
+    ("--box-detections-per-img", "box_detections_per_img", int,
+     "R-CNN: most detections per image (default 100; raise for crowded images)"),
+    ("--mask-head-layers", "mask_head_layers", _ints, "mask_rcnn: comma-separated channels of "
+                                                      "the mask head's convs"),
+    ("--keypoint-head-layers", "keypoint_head_layers", _ints,
+     "keypoint_rcnn: comma-separated channels of the keypoint head's convs"),
 )
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """'box_batch_size_per_image=64' -> ('box_batch_size_per_image', 64); the value is read as
+    JSON when it parses (numbers, lists, true/false/null), else kept as a string."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a builder option, got "
+                                         f"{text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -57,15 +82,24 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model options (each model takes a subset)")
     for flag, dest, typ, help_text in MODEL_OPTION_FLAGS:
         group.add_argument(flag, dest=dest, type=typ, default=None, help=help_text)
+    group.add_argument("--model-option", dest="model_option", type=_key_value, action="append",
+                       default=None, metavar="KEY=VALUE",
+                       help="any other option of the model's builder, VALUE as JSON (repeatable; "
+                       "e.g. box_batch_size_per_image=128; see `pixelwise models`)")
 
 
 def model_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The model options given on the command line, as `build_model` keywords."""
-    return {
+    options = {
         dest: getattr(args, dest)
         for _, dest, _, _ in MODEL_OPTION_FLAGS
         if getattr(args, dest, None) is not None
     }
+    for key, value in getattr(args, "model_option", None) or []:
+        if key in options:
+            raise UserError(f"model option {key!r} given twice (by its flag and --model-option)")
+        options[key] = value
+    return options
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -9,6 +9,12 @@ training size come from the checkpoint alone. Without --tile, images are resized
 training --size (if it had one) and the logits back to the image's size; with --tile, images are
 predicted at their native size (`--size` overrides both). An unreadable image is named on stderr, the others
 are still predicted, and the exit code is 1. No torch import at module level.
+
+Panoptic runs write COCO panoptic files instead (OUT/panoptic.json, OUT/panoptic/NAME.png with
+id = R + 256 G + 256^2 B) and overlays; `--semantic RUN_A --instance RUN_B` (no RUN) fuses a
+semantic run with an instance run (`pixelwise.predict.panoptic`):
+
+    pixelwise predict --task panoptic --semantic RUN_A --instance RUN_B photos/ --out preds
 """
 
 from __future__ import annotations
@@ -45,10 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="label maps (PNG), colour overlays and legends of images with a trained run",
         description="Predict the label map of every image (folders: their png/jpg/jpeg/tif/"
         "tiff/bmp files). Writes OUT/NAME.png (pixel value = class index, palette colours) "
-        "and OUT/overlays/NAME.png (classes over the image, legend of the classes present).",
+        "and OUT/overlays/NAME.png (classes over the image, legend of the classes present). "
+        "Instance / keypoint runs write OUT/results.json (COCO results: boxes, scores, RLE "
+        "masks, keypoints, the dataset's category ids) and OUT/overlays/NAME.png.",
     )
-    parser.add_argument("run_dir", type=Path, metavar="RUN", help="run directory or checkpoint")
-    parser.add_argument("inputs", type=Path, nargs="+", metavar="IMAGE_OR_DIR",
+    parser.add_argument("run_dir", type=Path, metavar="RUN",
+                        help="run directory or checkpoint (not given with --semantic/--instance)")
+    parser.add_argument("inputs", type=Path, nargs="*", metavar="IMAGE_OR_DIR",
                         help="image files and/or folders of images")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     parser.add_argument("--checkpoint", default="best", choices=("best", "last"),
@@ -70,10 +79,65 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="refuse images with more pixels (default 2^27; 0: no limit)")
+    parser.add_argument("--score-threshold", type=float, default=None, metavar="S",
+                        help="instance / keypoint models: drop detections scoring below S from "
+                        "overlays and results.json (default 0.5; 0 keeps all, as COCO AP needs)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an existing non-empty --out (same names are replaced)")
+    panoptic = parser.add_argument_group("panoptic (COCO panoptic files; --score-threshold is "
+                                         "the fusion's instance score threshold)")
+    panoptic.add_argument("--task", default=None,
+                          help="the task to predict (default: the run's); panoptic with "
+                          "--semantic/--instance")
+    panoptic.add_argument("--semantic", type=Path, default=None, metavar="RUN_A",
+                          help="fuse this semantic run's classes (stuff and things) ...")
+    panoptic.add_argument("--instance", type=Path, default=None, metavar="RUN_B",
+                          help="... with this instance run's objects (classes matched by name)")
+    panoptic.add_argument("--gt-json", type=Path, default=None, metavar="FILE",
+                          help="ground-truth COCO panoptic json: image ids and sizes by file "
+                          "name, and its category ids, so `pixelwise metrics panoptic` scores "
+                          "the output directly")
+    panoptic.add_argument("--overlap-threshold", type=float, default=None, metavar="F",
+                          help="drop an instance when more than F of its mask is already taken "
+                          "by higher-scoring ones (default 0.5)")
+    panoptic.add_argument("--stuff-area-threshold", type=int, default=None, metavar="PX",
+                          help="smallest stuff region kept, in pixels (default 64)")
     add_json_flag(parser)
     parser.set_defaults(func=run)
+
+
+def _fusion_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The FusionConfig fields given on the command line."""
+    given = {"instance_score_thresh": args.score_threshold,
+             "overlap_threshold": args.overlap_threshold,
+             "stuff_area_threshold": args.stuff_area_threshold}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _predict_fusion(args: argparse.Namespace, on_error: Any = None) -> dict[str, Any]:
+    """`--semantic RUN_A --instance RUN_B IMAGES`: panoptic files fused from two runs."""
+    from pixelwise.predict import check_outputs, expand_inputs, predict_files
+    from pixelwise.predict.panoptic import load_fusion_predictor
+
+    if args.semantic is None or args.instance is None:
+        raise UserError("fusion needs both --semantic RUN_A and --instance RUN_B")
+    if args.task not in (None, "panoptic"):
+        raise UserError(f"--semantic/--instance make a panoptic prediction, not {args.task}")
+    if args.tile is not None or args.overlap is not None:
+        raise UserError("--tile/--overlap are not available with --semantic/--instance")
+    files = expand_inputs([args.run_dir, *args.inputs])  # no RUN: every positional is an image
+    predictor = load_fusion_predictor(
+        args.semantic, args.instance, which=args.checkpoint, device=args.device,
+        size=args.size or "train", batch_size=args.batch_size, pad_mode=args.pad_mode,
+        gt_json=args.gt_json, fusion=_fusion_options(args))
+    check_outputs(files, args.out, predictor.outputs, overwrite=args.overwrite)
+    logger.info("fusing %s and %s on %d image%s", args.semantic, args.instance, len(files),
+                "" if len(files) == 1 else "s")
+    summary = predict_files(predictor, files, args.out, max_pixels=args.max_pixels,
+                            on_error=on_error)
+    summary.update(predictor.finish(args.out))
+    return {"semantic": str(args.semantic), "instance": str(args.instance), "task": "panoptic",
+            "size": predictor.policy, "tile": None, "overlap": None, **summary}
 
 
 def predict_run(args: argparse.Namespace, on_error: Any = None) -> dict[str, Any]:
@@ -90,6 +154,10 @@ def predict_run(args: argparse.Namespace, on_error: Any = None) -> dict[str, Any
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.semantic is not None or args.instance is not None:
+        return _predict_fusion(args, on_error)
+    if not args.inputs:
+        raise UserError("no images given: pixelwise predict RUN IMAGE_OR_DIR... --out DIR")
     if args.tile is not None and args.tile < 1:
         raise UserError(f"--tile must be >= 1, got {args.tile}")
     if args.overlap is not None and args.tile is None:
@@ -102,6 +170,23 @@ def predict_run(args: argparse.Namespace, on_error: Any = None) -> dict[str, Any
     path = find_checkpoint(args.run_dir, args.checkpoint)
     device = resolve_device(args.device)
     model, meta = load_model(path, device=device)
+    task_name = (meta.get("task") or {}).get("name")
+    if args.task is not None and args.task != task_name:
+        raise UserError(f"{path}: a {task_name} run, not {args.task}")
+    detection = task_name in ("instance", "keypoints")
+    if (detection or task_name == "panoptic") and args.tile is not None:
+        raise UserError(f"--tile is for semantic models; {task_name} models predict whole images")
+    panoptic_only = {"--gt-json": args.gt_json, "--overlap-threshold": args.overlap_threshold,
+                     "--stuff-area-threshold": args.stuff_area_threshold}
+    given = [flag for flag, value in panoptic_only.items() if value is not None]
+    if given and task_name != "panoptic":
+        raise UserError(f"{', '.join(given)}: for panoptic runs, not {task_name} runs")
+    if args.score_threshold is not None and not (detection or task_name == "panoptic"):
+        raise UserError(f"--score-threshold applies to instance and keypoint models, not to "
+                        f"{task_name} models")
+    extra = {"score_threshold": args.score_threshold} if args.score_threshold is not None else {}
+    if task_name == "panoptic":
+        extra = {"gt_json": args.gt_json, "fusion": _fusion_options(args)}
     overlap = args.overlap
     if args.tile is not None and overlap is None:
         overlap = min_overlap(model)
@@ -115,7 +200,7 @@ def predict_run(args: argparse.Namespace, on_error: Any = None) -> dict[str, Any
     size = args.size or ("native" if args.tile is not None else "train")
     predictor = make_predictor(model, meta, size=size, tile=args.tile,
                                overlap=overlap or 0, batch_size=args.batch_size,
-                               pad_mode=args.pad_mode)
+                               pad_mode=args.pad_mode, **extra)
     check_outputs(files, args.out, predictor.outputs, overwrite=args.overwrite)
     logger.info("predicting %d image%s with %s (%s, %s) on %s, size %s%s", len(files),
                 "" if len(files) == 1 else "s", path, meta["model"]["name"], meta["task"]["name"],
@@ -123,6 +208,8 @@ def predict_run(args: argparse.Namespace, on_error: Any = None) -> dict[str, Any
                 f", tiles {args.tile} overlap {overlap}" if args.tile else "")
     summary = predict_files(predictor, files, args.out, max_pixels=args.max_pixels,
                             on_error=on_error)
+    if hasattr(predictor, "finish"):  # files about all images (results.json, panoptic.json)
+        summary.update(predictor.finish(args.out))
     return {"checkpoint": str(path), "task": meta["task"]["name"], "size": predictor.policy,
             "tile": args.tile, "overlap": overlap if args.tile else None, **summary}
 
@@ -141,6 +228,15 @@ def run(args: argparse.Namespace) -> int:
               f"(size {summary['size']}" + (f", tiles {summary['tile']} overlap "
                                             f"{summary['overlap']}" if summary["tile"] else "")
               + f") into {out}" + (f"; {failed} failed" if failed else ""))
-        print(f"  label maps  {out}/NAME.png (pixel value = class index)")
+        if summary.get("panoptic_json"):
+            print(f"  panoptic    {summary['panoptic_json']} and {out / 'panoptic'}/NAME.png "
+                  "(COCO panoptic: id = R + 256 G + 256^2 B)")
+        elif "results" in summary:  # instance / keypoints
+            print(f"  results     {summary['results']} ({summary['detections']} detections, "
+                  f"COCO results; image ids: {summary['image_ids']})")
+            if summary.get("images_json"):
+                print(f"  images      {summary['images_json']}")
+        else:
+            print(f"  label maps  {out}/NAME.png (pixel value = class index)")
         print(f"  overlays    {out / 'overlays'}/NAME.png")
     return EXIT_SOME_FAILED if failed else 0

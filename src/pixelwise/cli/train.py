@@ -52,7 +52,7 @@ def _floats(text: str) -> list[float]:
 
 # (flag, TrainConfig field, type, help); every default is the TrainConfig's (None = not given)
 TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
-    ("--task", "task", str, "semantic (default)"),
+    ("--task", "task", str, "semantic (default), instance, keypoints, panoptic"),
     ("--model", "model", str, "model name (see `pixelwise models`; default unet)"),
     ("--data", "data", str, "dataset folder (pixelwise layout; see `pixelwise data`)"),
     ("--epochs", "epochs", int, "epochs (default 20)"),
@@ -117,7 +117,8 @@ def build_config(args: argparse.Namespace) -> Any:
     given = _given(args)
     options = model_options_from_args(args)
     if not args.resume:
-        return TrainConfig(out=str(args.out), model_options=options, **given)
+        return with_task_model_options(
+            TrainConfig(out=str(args.out), model_options=options, **given))
     saved_path = args.out / "config.json"
     try:
         saved = json.loads(saved_path.read_text())["train"]
@@ -135,6 +136,19 @@ def build_config(args: argparse.Namespace) -> Any:
                         f"(only {', '.join(RESUME_OVERRIDES)})")
     changes = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
     return dataclasses.replace(cfg, out=str(args.out), **changes)
+
+
+def with_task_model_options(cfg: Any) -> Any:
+    """`cfg` plus the model options its data decides (a task's `model_options(model)`, e.g.
+    keypoint_rcnn's keypoint schema), where the command line did not give them."""
+    from pixelwise.tasks import TASKS
+
+    task_cls = TASKS.get(cfg.task)
+    if cfg.data is None or task_cls is None or not hasattr(task_cls, "model_options"):
+        return cfg
+    decided = task_cls.from_data(cfg.data).model_options(cfg.model)
+    extra = {k: v for k, v in decided.items() if k not in cfg.model_options}
+    return cfg.replace(model_options={**cfg.model_options, **extra}) if extra else cfg
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,11 +27,16 @@ from pixelwise.errors import UserError, unknown_name
 from pixelwise.models.base import EncoderDecoder, SegmentationModel
 from pixelwise.models.fcn import FCN, fcn8s, fcn16s, fcn32s
 from pixelwise.models.flat_fcn import FlatFCN
+from pixelwise.models.panoptic_fpn import panoptic_fpn
 from pixelwise.models.patch_classifier import PatchClassifier
+from pixelwise.models.rcnn import keypoint_rcnn, mask_rcnn
 from pixelwise.models.segnet import segnet
+from pixelwise.models.semantic_fpn_head import semantic_fpn
+from pixelwise.models.solov2 import solov2
 from pixelwise.models.unet import UNet, unet
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+# dense models: `forward(images (N, C, H, W)) -> logits (N, K, H, W)` at the input size
+SEMANTIC_MODELS: dict[str, Callable[..., nn.Module]] = {
     "patch_classifier": PatchClassifier,
     "flat_fcn": FlatFCN,
     "fcn32s": fcn32s,
@@ -39,7 +44,19 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "fcn8s": fcn8s,
     "segnet": segnet,
     "unet": unet,
+    "semantic_fpn": semantic_fpn,
 }
+
+# torchvision's detection contract: `forward(list of (C, H, W), targets=None)` -> a loss dict in
+# training, a list of dicts in eval (panoptic_fpn adds "semantic" logits to each)
+DETECTION_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mask_rcnn": mask_rcnn,
+    "keypoint_rcnn": keypoint_rcnn,
+    "solov2": solov2,
+    "panoptic_fpn": panoptic_fpn,
+}
+
+MODELS: dict[str, Callable[..., nn.Module]] = {**SEMANTIC_MODELS, **DETECTION_MODELS}
 
 # options that locate files rather than describe the architecture: not stored in `config`
 _NOT_IN_CONFIG = ("weights",)
@@ -96,7 +113,9 @@ def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
 
 __all__ = [
     "FCN",
+    "DETECTION_MODELS",
     "MODELS",
+    "SEMANTIC_MODELS",
     "EncoderDecoder",
     "FlatFCN",
     "PatchClassifier",

@@ -22,12 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from pixelwise.errors import UserError, unknown_name
+from pixelwise.predict.instance import InstancePredictor
+from pixelwise.predict.panoptic import PanopticPredictor
 from pixelwise.predict.semantic import SemanticPredictor
 from pixelwise.predict.tiling import PAD_MODES, min_overlap, output_stride, predict_tiled
 
 logger = logging.getLogger(__name__)
 
-PREDICTORS: dict[str, type] = {"semantic": SemanticPredictor}
+PREDICTORS: dict[str, type] = {"semantic": SemanticPredictor, "panoptic": PanopticPredictor,
+                               "instance": InstancePredictor, "keypoints": InstancePredictor}
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 

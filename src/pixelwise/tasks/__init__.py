@@ -22,9 +22,12 @@ from __future__ import annotations
 from typing import Any
 
 from pixelwise.errors import UserError, unknown_name
+from pixelwise.tasks.instance import InstanceTask, KeypointTask
+from pixelwise.tasks.panoptic import PanopticTask
 from pixelwise.tasks.semantic import SemanticTask
 
-TASKS: dict[str, type] = {"semantic": SemanticTask}
+TASKS: dict[str, type] = {"semantic": SemanticTask, "panoptic": PanopticTask,
+                          "instance": InstanceTask, "keypoints": KeypointTask}
 
 
 def build_task(config: dict[str, Any]) -> Any:

@@ -1,0 +1,177 @@
+"""Demo: semantic segmentation with a U-Net in about two minutes of CPU training.
+
+Writes under `out` (default runs/demo):
+
+    data/            the synthetic dataset (pixelwise layout: images/, masks/, classes.json)
+    run/             the training run: config.json, metrics.jsonl, curves.png, best/last
+                     checkpoints (safetensors + JSON config: `pixelwise eval/predict out/run`)
+    predictions/     a label PNG per val image, and overlays/ with the classes over the image
+    examples.png     image | ground truth | prediction for a few val images
+    metrics.json     the val metrics of the best checkpoint (mIoU, accuracies, boundary F, ...)
+    demo.json        the summary returned (and printed by `pixelwise demo`)
+
+Choices (tuned for two CPU cores, see `SETTINGS`): 96 x 96 images so that a step is cheap; the
+scenes of `pixelwise.experiments.common.SMALL_SCENE` (every class of the default scenes, but
+things 12-35 % of the side rather than 5-20 %, which would be 5-19 px here, and no sub-pixel
+crowd groups); a U-Net of width 16 and depth 4; AdamW with a cosine schedule and the sum of
+cross-entropy and Dice (Dice lifts the small thing classes, which mIoU weighs as much as sky).
+Training is budgeted in time: a few probe steps measure the step time and the run gets
+`budget_seconds / step time` steps (at least `min_steps`, so a busy machine takes longer but
+still reaches the goal), with the cosine schedule spanning exactly those steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pixelwise.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SETTINGS: dict[str, Any] = {
+    "size": 96,  # image side (px)
+    "num": 400,  # images synthesised; 20 % go to val
+    "width": 16,  # U-Net base width
+    "depth": 4,  # U-Net downsamplings
+    "batch_size": 8,
+    "lr": 3e-3,
+    "loss": "ce+dice",
+    "budget_seconds": 110.0,  # training wall time
+    "min_steps": 400,  # the goal needs about this many steps, whatever the machine's speed
+    "max_steps": 2000,
+    "validations": 4,  # val passes during training (the last one at the end)
+    "examples": 4,  # val images in examples.png
+}
+# a seconds-long run for tests: a fixed number of steps (no probe)
+QUICK: dict[str, Any] = {**SETTINGS, "size": 32, "num": 10, "width": 4, "depth": 2,
+                         "batch_size": 4, "budget_seconds": None, "budget_steps": 2,
+                         "validations": 1, "examples": 2}
+MARKER = "demo.json"  # a folder holding this file is a demo's output, which a new demo replaces
+ENTRIES = ("data", "run", "predictions", "examples.png", "metrics.json", MARKER)
+
+
+def _prepare(out: Path) -> None:
+    """Make `out` ready: refuse a file or a non-empty folder that is not an earlier demo's;
+    remove the entries an earlier demo wrote (nothing else)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise UserError(f"{out}: folder exists, is not empty and holds no earlier demo; "
+                            "choose another --out")
+        logger.info("replacing the earlier demo in %s", out)
+        for name in ENTRIES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _examples_png(path: Path, examples: list, class_names: list[str], title: str) -> None:
+    from pixelwise.experiments.report import draw_examples, figure_png, pyplot
+
+    plt = pyplot()
+    fig = plt.figure(figsize=(7.5, 2.3 * max(len(examples), 1) + 0.9))
+    grid = fig.add_gridspec(1, 1, left=0.02, right=0.98, top=0.9, bottom=0.1)
+    draw_examples(fig, grid[0], {"prediction": examples}, class_names)
+    fig.suptitle(title, fontsize=10)
+    png = figure_png(fig)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(png)
+    os.replace(tmp, path)
+
+
+def run(out: Path, *, model: str | None = None, quick: bool = False) -> dict[str, Any]:
+    """Synthesise, train, evaluate and predict under `out`; return the summary (see module doc)."""
+    from pixelwise.engine.checkpoint import load_model
+    from pixelwise.experiments.common import (
+        SMALL_SCENE,
+        Budget,
+        Variant,
+        evaluate,
+        make_data,
+        train_variant,
+    )
+    from pixelwise.models import MODELS
+    from pixelwise.predict import SemanticPredictor, expand_inputs, predict_files
+
+    s = QUICK if quick else SETTINGS
+    name = model or "unet"
+    if name not in MODELS:
+        from pixelwise.errors import unknown_name
+
+        raise unknown_name("model", name, MODELS)
+    out = Path(out)
+    _prepare(out)
+    start = time.perf_counter()
+    data = make_data(out / "data", size=s["size"], num=s["num"], seed=0, scene=SMALL_SCENE)
+    options = {"width": s["width"], "depth": s["depth"]} if name == "unet" else {}
+    budget = Budget(steps=s.get("budget_steps"), seconds=s["budget_seconds"])
+    trained = train_variant(
+        Variant(name, name, options), data, out / "run", budget=budget,
+        batch_size=s["batch_size"], lr=s["lr"], loss=s["loss"], seed=0, validate=True,
+        validations=s["validations"], min_steps=s["min_steps"],
+        max_steps=s["max_steps"], progress=not quick, overwrite=False,
+    )  # fmt: skip
+    if trained.step_seconds is not None and trained.steps * trained.step_seconds > 1.2 * s[
+            "budget_seconds"]:
+        logger.warning("this machine is slower than the demo assumes (%.2f s per step): training "
+                       "%d steps takes longer than %g s", trained.step_seconds, trained.steps,
+                       s["budget_seconds"])
+
+    best, meta = load_model(out / "run", "best")
+    result = evaluate(best, data, keep=range(s["examples"]))
+    metrics = {k: v for k, v in result.metrics.items() if k != "output_checkerboard"}
+    _write_json(out / "metrics.json", metrics)
+    predictor = SemanticPredictor(best, meta, batch_size=8)
+    predicted = predict_files(predictor, expand_inputs([data / "images" / "val"]),
+                              out / "predictions")
+    if predicted["failed"]:
+        raise UserError(f"could not predict {predicted['failed'][0]['image']}: "
+                        f"{predicted['failed'][0]['error']}")
+    class_names = list(meta["task"]["class_names"])
+    _examples_png(out / "examples.png", result.examples, class_names,
+                  f"{name} after {trained.steps} steps: val mIoU {metrics['miou']:.3f}")
+    summary = {
+        "task": "semantic",
+        "model": name,
+        "out": str(out),
+        "data": str(data),
+        "run": str(out / "run"),
+        "checkpoint": str(out / "run" / "best.safetensors"),
+        "curves": str(out / "run" / "curves.png"),
+        "metrics": str(out / "metrics.json"),
+        "predictions": str(out / "predictions"),
+        "overlays": str(out / "predictions" / "overlays"),
+        "examples": str(out / "examples.png"),
+        "val_miou": round(metrics["miou"], 4),
+        "val_pixel_accuracy": round(metrics["pixel_accuracy"], 4),
+        "val_boundary_f": (None if metrics["boundary_f"] is None
+                           else round(metrics["boundary_f"], 4)),
+        "goal_miou": 0.90,
+        "steps": trained.steps,
+        "train_seconds": round(trained.summary["seconds"], 1),
+        "total_seconds": round(time.perf_counter() - start, 1),
+        "next": f"pixelwise eval {out / 'run'}; pixelwise predict {out / 'run'} IMAGE --out DIR",
+        "per_class_iou": {k: v["iou"] for k, v in metrics["per_class"].items()},
+        "settings": {**s, "scene": {"thing_size": list(SMALL_SCENE.thing_size),
+                                    "crowd_fraction": SMALL_SCENE.crowd_fraction}},
+    }
+    _write_json(out / MARKER, summary)
+    logger.info("demo done in %.0f s: val mIoU %.3f (goal 0.90); see %s", summary["total_seconds"],
+                metrics["miou"], out)
+    return summary

@@ -1,0 +1,372 @@
+"""Mask R-CNN and Keypoint R-CNN (He et al. 2017) from torchvision's detection parts.
+
+`mask_rcnn(num_classes, ...)` and `keypoint_rcnn(num_classes, ...)` assemble torchvision's
+RPN, `MultiScaleRoIAlign`, RoI heads and FPN around a `build_fpn_backbone` backbone, with the
+mask / keypoint predictor's upsampler picked by name (`rcnn_heads`). The model classes are
+torchvision's, with four differences:
+
+* eval runs `FastRoIHeads` / `RCNNTransform` (``fast=True``, see `fast_postprocess`): the same
+  detections as torchvision, computed faster on CPU;
+* masks are pasted into the image as probabilities and thresholded there, at full resolution
+  (``mask_threshold``, default 0.5, gives bool masks; None gives torchvision's probabilities);
+* ``min_size=None`` (the default) keeps images at their own size (torchvision resizes the
+  short side to 800 px);
+* targets are cleaned before torchvision sees them: crowd instances (``iscrowd`` = 1) and
+  degenerate boxes (zero width or height) are dropped with a warning instead of an assertion.
+
+Contract (torchvision's): ``model(images)`` with images a list of (C, H, W) float tensors in
+[0, 1]. Training (``model.train()``, with targets: dicts of boxes (N, 4) XYXY float, labels (N,)
+int64 in 1..num_classes-1, masks (N, H, W) uint8 / keypoints (N, K, 3) x, y, v) returns the loss
+dict (loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg, and loss_mask or
+loss_keypoint). Eval returns one dict per image: boxes (D, 4), labels (D,), scores (D,), and
+masks (D, 1, H, W) or keypoints (D, K, 3) + keypoints_scores (D, K).
+
+Keypoint coordinates: pixelwise's data (and COCO) give a keypoint as the pixel it lies on,
+(x, y) = (column, row), whose centre is at (x + 0.5, y + 0.5) in the continuous frame that
+boxes, RoIAlign and the heatmaps use. `KeypointRCNN.forward` is the one place that converts:
+targets + `KEYPOINT_PIXEL_OFFSET` on the way in, predictions - `KEYPOINT_PIXEL_OFFSET` on the
+way out (torchvision predicts the centre of the heatmap cell: detectron2 does the same shift).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision.models.detection as tvd
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, RPNHead
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.ops import MultiScaleRoIAlign
+
+from pixelwise.data.keypoints import DEFAULT_SIGMA, KeypointSchema
+from pixelwise.errors import UserError
+from pixelwise.models.fast_postprocess import FastRoIHeads, RCNNTransform
+from pixelwise.models.fpn_backbone import build_fpn_backbone
+from pixelwise.models.rcnn_heads import KeypointPredictor, MaskPredictor, UpsampleArg
+
+logger = logging.getLogger(__name__)
+
+# COCO keypoints are pixel indices; the model works with pixel centres (module docstring)
+KEYPOINT_PIXEL_OFFSET = 0.5
+
+# Anchors for small images (e.g. 256 x 256 scenes with 10-150 px objects): one size per FPN
+# level (strides 4, 8, 16, 32 and the 64 "pool" level); torchvision's are 32..512 for 800 px.
+DEFAULT_ANCHOR_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
+BOX_REPRESENTATION = 1024  # torchvision's TwoMLPHead width
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def clean_targets(targets: list[dict[str, Any]], *, keypoint_offset: float = 0.0,
+                  num_keypoints: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Training targets as torchvision wants them: plain tensors, crowd instances and
+    degenerate boxes dropped (logged), keypoints shifted by `keypoint_offset` and checked
+    against `num_keypoints` (UserError on a mismatch)."""
+    cleaned = []
+    for t in targets:
+        boxes = torch.as_tensor(t["boxes"]).as_subclass(torch.Tensor).to(torch.float32)
+        boxes = boxes.reshape(-1, 4)  # (N, 4) even when empty
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if not bool(keep.all()):
+            logger.warning("image %s: dropped %d degenerate box(es) (zero width or height)",
+                           t.get("image_id", "?"), int((~keep).sum()))
+        if "iscrowd" in t:
+            keep &= torch.as_tensor(t["iscrowd"]).reshape(-1) == 0
+        out: dict[str, torch.Tensor] = {
+            "boxes": boxes[keep],
+            "labels": torch.as_tensor(t["labels"]).as_subclass(torch.Tensor).to(
+                torch.int64)[keep],
+        }
+        if "masks" in t:
+            out["masks"] = torch.as_tensor(t["masks"]).as_subclass(torch.Tensor)[keep].to(
+                torch.uint8)
+        if num_keypoints is not None:
+            if "keypoints" not in t:
+                raise UserError("keypoint training needs 'keypoints' in every target")
+            kps = torch.as_tensor(t["keypoints"]).as_subclass(torch.Tensor).to(torch.float32)
+            if kps.dim() != 3 or kps.shape[1:] != (num_keypoints, 3):
+                raise UserError(f"targets have keypoints of shape {tuple(kps.shape)}, the model "
+                                f"predicts {num_keypoints} keypoints (expected (N, "
+                                f"{num_keypoints}, 3))")
+            kps = kps[keep].clone()
+            kps[..., :2] += keypoint_offset
+            out["keypoints"] = kps
+        cleaned.append(out)
+    return cleaned
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _fast_parts(model: tvd.generalized_rcnn.GeneralizedRCNN, *, resize: bool,
+                mask_threshold: float | None, fast: bool) -> None:
+    """Swap torchvision's RoI heads and transform for the pixelwise ones (same modules)."""
+    if mask_threshold is not None and not 0.0 < float(mask_threshold) < 1.0:
+        raise UserError(f"mask_threshold must be in (0, 1) or None, got {mask_threshold!r}")
+    if fast:
+        model.roi_heads = FastRoIHeads.like(model.roi_heads)
+    model.transform = RCNNTransform.like(model.transform, resize=resize,
+                                         mask_threshold=mask_threshold, fast=fast)
+
+
+class MaskRCNN(tvd.MaskRCNN):
+    """torchvision's `MaskRCNN` (same arguments: finished modules, settings) plus
+    ``mask_threshold`` and ``fast`` (module docstring). ``min_size=None`` keeps image sizes."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int | None = None, *,
+                 min_size: int | Sequence[int] | None = None, max_size: int = 1333,
+                 mask_threshold: float | None = 0.5, fast: bool = True, **kwargs: Any) -> None:
+        super().__init__(backbone, num_classes, min_size=1 if min_size is None else min_size,
+                         max_size=max_size, **kwargs)
+        _fast_parts(self, resize=min_size is not None, mask_threshold=mask_threshold, fast=fast)
+
+    def forward(self, images: list[torch.Tensor],
+                targets: list[dict[str, Any]] | None = None) -> Any:
+        if self.training and targets is not None:
+            targets = clean_targets(targets)
+        return super().forward(images, targets)
+
+
+class KeypointRCNN(tvd.KeypointRCNN):
+    """torchvision's `KeypointRCNN` plus ``fast``, ``min_size=None`` and the keypoint pixel
+    convention (module docstring); ``schema`` (a `KeypointSchema`) travels with the model."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int | None = None, *,
+                 min_size: int | Sequence[int] | None = None, max_size: int = 1333,
+                 fast: bool = True, schema: KeypointSchema | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(backbone, num_classes, min_size=1 if min_size is None else min_size,
+                         max_size=max_size, **kwargs)
+        _fast_parts(self, resize=min_size is not None, mask_threshold=None, fast=fast)
+        self.schema = schema
+
+    @property
+    def num_keypoints(self) -> int:
+        predictor = self.roi_heads.keypoint_predictor
+        return int(getattr(predictor, "num_keypoints", None) or predictor.out_channels)
+
+    def forward(self, images: list[torch.Tensor],
+                targets: list[dict[str, Any]] | None = None) -> Any:
+        if self.training and targets is not None:
+            targets = clean_targets(targets, keypoint_offset=KEYPOINT_PIXEL_OFFSET,
+                                    num_keypoints=self.num_keypoints)
+        out = super().forward(images, targets)
+        if not self.training:
+            for det in out:
+                kps = det["keypoints"].clone()
+                kps[..., :2] -= KEYPOINT_PIXEL_OFFSET  # cell centres -> COCO pixel indices
+                det["keypoints"] = kps
+        return out
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def _anchor_generator(backbone: nn.Module, anchor_sizes: Sequence[int],
+                      aspect_ratios: Sequence[float]) -> AnchorGenerator:
+    levels = len(backbone.strides)
+    sizes = [int(s) for s in anchor_sizes]
+    if len(sizes) != levels or any(s <= 0 for s in sizes):
+        raise UserError(f"anchor_sizes needs {levels} positive sizes (one per FPN level, strides "
+                        f"{backbone.strides}), got {list(anchor_sizes)}")
+    ratios = tuple(float(r) for r in aspect_ratios)
+    if not ratios or any(r <= 0 for r in ratios):
+        raise UserError(f"aspect_ratios must be positive numbers, got {list(aspect_ratios)}")
+    return AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * levels)
+
+
+def _common(
+    num_classes: int, backbone: str, weights: str | Path | None, trainable_layers: int,
+    in_channels: int,
+    anchor_sizes: Sequence[int], aspect_ratios: Sequence[float],
+    image_mean: Sequence[float] | None, image_std: Sequence[float] | None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The backbone and the keyword arguments every R-CNN here shares."""
+    body = build_fpn_backbone(backbone, weights, trainable_layers, in_channels=in_channels)
+    anchors = _anchor_generator(body, anchor_sizes, aspect_ratios)
+    if image_mean is None:
+        image_mean = IMAGENET_MEAN if in_channels == 3 else (sum(IMAGENET_MEAN) / 3,) * in_channels
+    if image_std is None:
+        image_std = IMAGENET_STD if in_channels == 3 else (sum(IMAGENET_STD) / 3,) * in_channels
+    if len(image_mean) != in_channels or len(image_std) != in_channels:
+        raise UserError(f"image_mean and image_std need {in_channels} values (one per channel)")
+    kwargs = {
+        "rpn_anchor_generator": anchors,
+        "rpn_head": RPNHead(body.out_channels, anchors.num_anchors_per_location()[0]),
+        "box_roi_pool": MultiScaleRoIAlign(body.featmap_names, output_size=7, sampling_ratio=2),
+        # torchvision's box head (TwoMLPHead, 1024) is built by FasterRCNN; the predictor here
+        "box_predictor": FastRCNNPredictor(BOX_REPRESENTATION, num_classes),
+        "image_mean": list(image_mean),
+        "image_std": list(image_std),
+    }
+    return body, kwargs
+
+
+def _check_positive(**values: Any) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{name} must be a positive integer, got {value!r}")
+
+
+def mask_rcnn(
+    num_classes: int,
+    *,
+    backbone: str = "resnet50",
+    weights: str | Path | None = None,
+    trainable_layers: int = 5,
+    in_channels: int = 3,
+    upsample: UpsampleArg = "transposed",
+    mask_head_layers: Sequence[int] = (256, 256, 256, 256),
+    anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
+    aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS,
+    min_size: int | None = None,
+    max_size: int = 1333,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    rpn_pre_nms_top_n_train: int = 2000,
+    rpn_pre_nms_top_n_test: int = 1000,
+    rpn_post_nms_top_n_train: int = 2000,
+    rpn_post_nms_top_n_test: int = 1000,
+    rpn_nms_thresh: float = 0.7,
+    rpn_batch_size_per_image: int = 256,
+    box_score_thresh: float = 0.05,
+    box_nms_thresh: float = 0.5,
+    box_detections_per_img: int = 100,
+    box_batch_size_per_image: int = 512,
+    mask_threshold: float | None = 0.5,
+    fast: bool = True,
+) -> MaskRCNN:
+    """Mask R-CNN with a `backbone`-FPN (resnet18/34/50, mobilenet_v3_large), random init or
+    `weights` (a local classification state dict for the backbone).
+
+    num_classes counts the background (K + 1). upsample: the mask predictor's upsampler
+    (`rcnn_heads.MaskPredictor`). mask_head_layers: channels of the 3x3 convs before it.
+    anchor_sizes: one per FPN level (5). min_size None keeps images as they are; otherwise
+    torchvision's resize (short side min_size, long side <= max_size). rpn_* / box_*:
+    torchvision's settings (box_detections_per_img: raise it for crowded images, e.g. 300 for
+    cells). mask_threshold: threshold after pasting (None: probabilities). fast: the fast eval
+    path of `fast_postprocess`.
+    """
+    _check_positive(num_classes=num_classes, box_detections_per_img=box_detections_per_img)
+    body, kwargs = _common(num_classes, backbone, weights, trainable_layers, in_channels,
+                           anchor_sizes, aspect_ratios, image_mean, image_std)
+    layers = tuple(int(c) for c in mask_head_layers)
+    if not layers or any(c < 1 for c in layers):
+        raise UserError(f"mask_head_layers must be positive channel counts, got "
+                        f"{list(mask_head_layers)}")
+    return MaskRCNN(
+        body, None,
+        min_size=min_size, max_size=max_size, mask_threshold=mask_threshold, fast=fast,
+        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+        rpn_nms_thresh=rpn_nms_thresh, rpn_batch_size_per_image=rpn_batch_size_per_image,
+        box_score_thresh=box_score_thresh, box_nms_thresh=box_nms_thresh,
+        box_detections_per_img=box_detections_per_img,
+        box_batch_size_per_image=box_batch_size_per_image,
+        mask_roi_pool=MultiScaleRoIAlign(body.featmap_names, output_size=14, sampling_ratio=2),
+        mask_head=MaskRCNNHeads(body.out_channels, layers, 1),
+        mask_predictor=MaskPredictor(layers[-1], num_classes, upsample),
+        **kwargs,
+    )
+
+
+def _resolve_schema(num_keypoints: int | None, schema: KeypointSchema | dict | None
+                    ) -> KeypointSchema:
+    if isinstance(schema, dict):
+        schema = KeypointSchema.from_coco_category(schema, where="keypoint_rcnn schema")
+    if schema is None:
+        if num_keypoints is None:
+            return KeypointSchema.coco_person()
+        _check_positive(num_keypoints=num_keypoints)
+        if num_keypoints == 17:
+            return KeypointSchema.coco_person()
+        names = tuple(f"kp{i}" for i in range(num_keypoints))
+        return KeypointSchema(names, sigmas=(DEFAULT_SIGMA,) * num_keypoints)
+    if not isinstance(schema, KeypointSchema):
+        raise UserError(f"schema must be a KeypointSchema or a COCO category dict, got "
+                        f"{type(schema).__name__}")
+    if num_keypoints is not None and num_keypoints != schema.num_keypoints:
+        raise UserError(f"num_keypoints={num_keypoints} but the schema has "
+                        f"{schema.num_keypoints} keypoints")
+    return schema
+
+
+def keypoint_rcnn(
+    num_classes: int = 2,
+    *,
+    num_keypoints: int | None = None,
+    schema: KeypointSchema | dict | None = None,
+    backbone: str = "resnet50",
+    weights: str | Path | None = None,
+    trainable_layers: int = 5,
+    in_channels: int = 3,
+    upsample: UpsampleArg = "transposed",
+    keypoint_head_layers: Sequence[int] = (512,) * 8,
+    anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
+    aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS,
+    min_size: int | None = None,
+    max_size: int = 1333,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    rpn_pre_nms_top_n_train: int = 2000,
+    rpn_pre_nms_top_n_test: int = 1000,
+    rpn_post_nms_top_n_train: int = 2000,
+    rpn_post_nms_top_n_test: int = 1000,
+    rpn_nms_thresh: float = 0.7,
+    rpn_batch_size_per_image: int = 256,
+    box_score_thresh: float = 0.05,
+    box_nms_thresh: float = 0.5,
+    box_detections_per_img: int = 100,
+    box_batch_size_per_image: int = 512,
+    fast: bool = True,
+) -> KeypointRCNN:
+    """Keypoint R-CNN: each keypoint a one-hot 56x56 heatmap (softmax cross-entropy).
+
+    The keypoints come from `schema` (a `KeypointSchema` or a COCO category dict: names,
+    skeleton, flip pairs, OKS sigmas) or just `num_keypoints` (default: COCO's 17 person
+    keypoints); `model.schema` keeps it. num_classes counts the background (2: one object class).
+    upsample: the keypoint predictor's first x2 step (`rcnn_heads.KeypointPredictor`).
+    keypoint_head_layers: channels of the 3x3 convs (torchvision: 8 x 512). Other options as
+    `mask_rcnn`. Horizontal flips (with left/right swaps) belong to the data transforms.
+    """
+    _check_positive(num_classes=num_classes, box_detections_per_img=box_detections_per_img)
+    schema = _resolve_schema(num_keypoints, schema)
+    body, kwargs = _common(num_classes, backbone, weights, trainable_layers, in_channels,
+                           anchor_sizes, aspect_ratios, image_mean, image_std)
+    layers = tuple(int(c) for c in keypoint_head_layers)
+    if not layers or any(c < 1 for c in layers):
+        raise UserError(f"keypoint_head_layers must be positive channel counts, got "
+                        f"{list(keypoint_head_layers)}")
+    return KeypointRCNN(
+        body, None,
+        min_size=min_size, max_size=max_size, fast=fast, schema=schema,
+        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+        rpn_nms_thresh=rpn_nms_thresh, rpn_batch_size_per_image=rpn_batch_size_per_image,
+        box_score_thresh=box_score_thresh, box_nms_thresh=box_nms_thresh,
+        box_detections_per_img=box_detections_per_img,
+        box_batch_size_per_image=box_batch_size_per_image,
+        keypoint_roi_pool=MultiScaleRoIAlign(body.featmap_names, output_size=14,
+                                             sampling_ratio=2),
+        keypoint_head=KeypointRCNNHeads(body.out_channels, layers),
+        keypoint_predictor=KeypointPredictor(layers[-1], schema.num_keypoints, upsample),
+        **kwargs,
+    )
+
+
+# name -> builder (for the lead's MODELS dict)
+RCNN_MODELS = {"mask_rcnn": mask_rcnn, "keypoint_rcnn": keypoint_rcnn}

@@ -1,0 +1,109 @@
+"""build_fpn_backbone: levels and strides, freezing, local weights, bad names and files."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torchvision.ops import misc as misc_nn_ops
+
+from pixelwise.errors import UserError
+from pixelwise.models.fpn_backbone import FPN_BACKBONES, build_fpn_backbone, feature_shapes
+
+
+@pytest.mark.parametrize("name", sorted(FPN_BACKBONES))
+def test_levels_have_the_advertised_strides(name: str) -> None:
+    torch.manual_seed(0)
+    backbone = build_fpn_backbone(name)
+    assert backbone.out_channels == 256
+    h, w = 67, 93  # odd sizes: each level is ceil(H / stride) as the strided convs give
+    shapes = feature_shapes(backbone, (h, w))
+    assert list(shapes) == [*backbone.featmap_names, "pool"]
+    assert len(backbone.strides) == len(shapes)
+    for (level, shape), stride in zip(shapes.items(), backbone.strides):
+        assert shape == (256, math.ceil(h / stride), math.ceil(w / stride)), level
+
+
+def test_resnet_matches_torchvision_fpn_backbone() -> None:
+    """Same module tree and parameter count as torchvision's resnet_fpn_backbone."""
+    ours = build_fpn_backbone("resnet18")
+    ref = torchvision.models.detection.backbone_utils.resnet_fpn_backbone(
+        backbone_name="resnet18", weights=None, norm_layer=torch.nn.BatchNorm2d, trainable_layers=5)
+    assert [k for k, _ in ours.named_parameters()] == [k for k, _ in ref.named_parameters()]
+    assert [v.shape for v in ours.state_dict().values()] == [
+        v.shape for v in ref.state_dict().values()]
+
+
+@pytest.mark.parametrize("trainable", [0, 3, 5])
+def test_trainable_layers_freeze_like_torchvision(trainable: int) -> None:
+    ours = build_fpn_backbone("resnet18", trainable_layers=trainable)
+    ref = torchvision.models.detection.backbone_utils.resnet_fpn_backbone(
+        backbone_name="resnet18", weights=None, norm_layer=torch.nn.BatchNorm2d,
+        trainable_layers=trainable)
+    frozen = {k for k, p in ours.named_parameters() if not p.requires_grad}
+    assert frozen == {k for k, p in ref.named_parameters() if not p.requires_grad}
+    assert all(k.startswith("body.") for k in frozen)
+    assert (len(frozen) == 0) == (trainable == 5)
+
+
+def test_weights_file_loads_into_the_body(tmp_path) -> None:
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    backbone = build_fpn_backbone("resnet18", weights=path)
+    body = backbone.body.state_dict()
+    for key in ("conv1.weight", "layer4.1.conv2.weight", "layer2.0.bn1.running_var"):
+        assert torch.equal(body[key], net.state_dict()[key])
+    # pretrained weights get torchvision's frozen batch norm
+    assert isinstance(backbone.body.bn1, misc_nn_ops.FrozenBatchNorm2d)
+
+    grey = build_fpn_backbone("resnet18", weights=path, in_channels=1)
+    expected = net.conv1.weight.sum(1, keepdim=True)  # a grey image is R = G = B
+    torch.testing.assert_close(grey.body.conv1.weight, expected)
+
+
+def test_torch_file_with_mobilenet(tmp_path) -> None:
+    net = torchvision.models.mobilenet_v3_large(weights=None)
+    path = tmp_path / "mnv3.pt"
+    torch.save(net.state_dict(), path)
+    backbone = build_fpn_backbone("mobilenet_v3_large", weights=path)
+    assert torch.equal(backbone.body["0"][0].weight, net.features[0][0].weight)
+
+
+def test_grey_input() -> None:
+    backbone = build_fpn_backbone("resnet18", in_channels=1)
+    assert backbone.body.conv1.in_channels == 1
+    assert feature_shapes(backbone, (64, 64), in_channels=1)["0"] == (256, 16, 16)
+
+
+def test_unknown_name_lists_valid_ones() -> None:
+    with pytest.raises(UserError, match="unknown backbone 'resnet7'.*resnet18"):
+        build_fpn_backbone("resnet7")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"trainable_layers": 6}, "trainable_layers"),
+    ({"returned_layers": [0, 1]}, "returned_layers"),
+    ({"in_channels": 0}, "in_channels"),
+])
+def test_bad_options(kwargs, match) -> None:
+    with pytest.raises(UserError, match=match):
+        build_fpn_backbone("resnet18", **kwargs)
+
+
+def test_bad_weights_files(tmp_path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        build_fpn_backbone("resnet18", weights=tmp_path / "missing.safetensors")
+    wrong = tmp_path / "r34.safetensors"
+    net = torchvision.models.resnet34(weights=None)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(wrong))
+    with pytest.raises(UserError, match="has shape|tensors"):
+        build_fpn_backbone("resnet18", weights=wrong)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="cannot read"):
+        build_fpn_backbone("resnet18", weights=junk)

@@ -1,0 +1,421 @@
+"""Mask / Keypoint R-CNN: heads' upsamplers, builders, training, eval format, and the fast eval
+path checked against torchvision's own code (same weights) and its postprocessing functions."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torchvision
+import torchvision.models.detection as tvd
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import heatmaps_to_keypoints as tv_heatmaps
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.ops import batched_nms
+
+from pixelwise.data.coco import CocoInstances, collate_detection
+from pixelwise.data.keypoints import KeypointSchema
+from pixelwise.data.synthetic import synthesize
+from pixelwise.errors import UserError
+from pixelwise.models import fast_postprocess as fp
+from pixelwise.models.rcnn import KEYPOINT_PIXEL_OFFSET, clean_targets, keypoint_rcnn, mask_rcnn
+from pixelwise.models.rcnn_heads import (
+    KeypointPredictor,
+    MaskPredictor,
+    torchvision_key_map,
+    upsampler_of,
+)
+from pixelwise.upsample import UPSAMPLERS
+
+HEAD_UPSAMPLERS = {k: v for k, v in UPSAMPLERS.items() if not v.needs_indices}
+# small heads and samples keep the model tests fast (the RoI heads' convs dominate the time)
+LIGHT = dict(backbone="resnet18", mask_head_layers=(32, 32), rpn_batch_size_per_image=64,
+             box_batch_size_per_image=32, rpn_post_nms_top_n_train=300,
+             rpn_post_nms_top_n_test=300)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One thread: on a shared 2-core machine a second thread mostly waits for a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+ANCHORS = (16, 32, 64, 128, 256)
+TIE = 1e-4  # probabilities this close to 0.5 may fall either side (float rounding)
+
+
+def _rcnn_kwargs(size: int, detections: int = 60) -> dict:
+    return dict(min_size=size, max_size=size, box_score_thresh=0.0,
+                box_detections_per_img=detections)
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_UPSAMPLERS))
+def test_mask_predictor_uses_the_chosen_upsampler(name: str) -> None:
+    torch.manual_seed(0)
+    predictor = MaskPredictor(32, 5, name)
+    assert type(predictor.upsample) is UPSAMPLERS[name]
+    assert upsampler_of(predictor) is predictor.upsample
+    out = predictor(torch.randn(3, 32, 14, 14))
+    assert out.shape == (3, 5, 28, 28)
+    labels = torch.tensor([1, 4, 0])
+    x = torch.randn(3, 32, 14, 14)
+    torch.testing.assert_close(predictor.forward_selected(x, labels),
+                               predictor(x)[torch.arange(3), labels], rtol=1e-5, atol=1e-5)
+
+
+def test_default_mask_predictor_is_torchvisions() -> None:
+    """'transposed' is the paper's 2x2 stride-2 deconvolution: torchvision's weights load and
+    give the same logits."""
+    torch.manual_seed(0)
+    ref = MaskRCNNPredictor(16, 16, 4)
+    ours = MaskPredictor(16, 4)
+    conv = ours.upsample.conv
+    assert (conv.kernel_size, conv.stride, conv.bias is not None) == ((2, 2), (2, 2), True)
+    state = {f"roi_heads.mask_predictor.{k}": v for k, v in ref.state_dict().items()}
+
+    class Holder(nn.Module):  # the key map looks the predictor up at model.roi_heads
+        def __init__(self) -> None:
+            super().__init__()
+            self.roi_heads = nn.Module()
+            self.roi_heads.mask_predictor = ours
+
+    Holder().load_state_dict(torchvision_key_map(state, Holder()))
+    x = torch.randn(2, 16, 14, 14)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_UPSAMPLERS))
+def test_keypoint_predictor_uses_the_chosen_upsampler(name: str) -> None:
+    torch.manual_seed(0)
+    predictor = KeypointPredictor(32, 5, name)
+    if name == "transposed":
+        assert isinstance(upsampler_of(predictor), nn.ConvTranspose2d)
+    else:
+        assert type(upsampler_of(predictor)) is UPSAMPLERS[name]
+    assert predictor(torch.randn(2, 32, 14, 14)).shape == (2, 5, 56, 56)
+
+
+def test_default_keypoint_predictor_is_torchvisions() -> None:
+    torch.manual_seed(0)
+    ref = KeypointRCNNPredictor(32, 7)
+    ours = KeypointPredictor(32, 7)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 32, 14, 14)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_bad_upsamplers_and_backbones() -> None:
+    with pytest.raises(UserError, match="unknown upsampler 'cubic'.*bilinear"):
+        MaskPredictor(8, 2, "cubic")
+    with pytest.raises(UserError, match="max-pool indices"):
+        KeypointPredictor(8, 2, "max_unpool")
+    with pytest.raises(UserError, match="takes no options"):
+        KeypointPredictor(8, 2, "transposed", kernel_size=2)
+    with pytest.raises(UserError, match="unknown backbone 'vgg16'.*resnet18"):
+        mask_rcnn(3, backbone="vgg16")
+    with pytest.raises(UserError, match="anchor_sizes needs 5"):
+        mask_rcnn(3, backbone="resnet18", anchor_sizes=(8, 16))
+    with pytest.raises(UserError, match="mask_threshold"):
+        mask_rcnn(3, backbone="resnet18", mask_threshold=1.5)
+
+
+def test_upsample_option_reaches_the_heads() -> None:
+    model = mask_rcnn(3, backbone="resnet18", upsample="resize_conv")
+    assert type(model.roi_heads.mask_predictor.upsample) is UPSAMPLERS["resize_conv"]
+    kp = keypoint_rcnn(2, num_keypoints=3, backbone="resnet18", upsample="bilinear",
+                       keypoint_head_layers=(32,))
+    assert type(kp.roi_heads.keypoint_predictor.upsample) is UPSAMPLERS["bilinear"]
+
+
+# ----------------------------------------------------------------------------- fast postprocess
+
+
+def _random_boxes(n: int, size: float, gen: torch.Generator) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=gen) * size
+    wh = torch.rand(n, 2, generator=gen) * size / 2
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    boxes[: n // 10, 2] = boxes[: n // 10, 0] + 0.3  # some very thin boxes
+    return boxes
+
+
+def test_batched_nms_top_k_equals_torchvision() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for n, k, classes in [(3000, 100, 30), (500, 1000, 3), (2000, 7, 1), (0, 5, 2)]:
+        boxes = _random_boxes(n, 100.0, gen)
+        scores = torch.rand(n, generator=gen)
+        labels = torch.randint(1, classes + 1, (n,), generator=gen)
+        expected = batched_nms(boxes, scores, labels, 0.5)[:k]
+        assert torch.equal(fp.batched_nms_top_k(boxes, scores, labels, 0.5, k), expected)
+
+
+def test_paste_masks_equals_torchvision() -> None:
+    gen = torch.Generator().manual_seed(1)
+    n, h, w = 40, 70, 90
+    # boxes touching the borders (clipped, as the model's boxes are): the padded masks stick out
+    boxes = torchvision.ops.clip_boxes_to_image(_random_boxes(n, 100.0, gen) - 10, (h, w))
+    boxes[-1] = torch.tensor([5.0, 5.0, 5.4, 5.2])  # tiny
+    probs = torch.rand(n, 1, 28, 28, generator=gen)
+    ref = paste_masks_in_image(probs, boxes, (h, w))
+    ours = fp.paste_masks(probs, boxes, (h, w))
+    assert ours.shape == ref.shape == (n, 1, h, w)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    binary = fp.paste_masks(probs, boxes, (h, w), threshold=0.5)
+    assert binary.dtype == torch.bool
+    decided = (ref - 0.5).abs() > TIE
+    assert torch.equal(binary[decided], (ref >= 0.5)[decided])
+    assert fp.paste_masks(probs[:0], boxes[:0], (h, w)).shape == (0, 1, h, w)
+
+
+def test_heatmaps_to_keypoints_equals_torchvision() -> None:
+    gen = torch.Generator().manual_seed(2)
+    rois = _random_boxes(30, 120.0, gen)
+    rois[:3, 2:] = rois[:3, :2] + 0.2  # degenerate RoIs are clamped to 1 pixel
+    # smooth maps like real heatmaps (white noise has many near-ties)
+    maps = torch.nn.functional.interpolate(torch.randn(30, 5, 14, 14, generator=gen),
+                                           size=(56, 56), mode="bilinear")
+    ref_xy, ref_scores = tv_heatmaps(maps, rois)
+    xy, scores = fp.heatmaps_to_keypoints(maps, rois)
+    assert torch.equal(xy, ref_xy)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_heads_equal_the_modules() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(6, 16, 14, 14)
+    labels = torch.tensor([1, 2, 3, 0, 2, 1])
+    for predictor in (MaskRCNNPredictor(16, 16, 4), MaskPredictor(16, 4),
+                      MaskPredictor(16, 4, "bilinear")):
+        torch.testing.assert_close(fp.selected_mask_logits(predictor, x, labels),
+                                   predictor(x)[torch.arange(6), labels], rtol=1e-4, atol=1e-4)
+    for kp in (KeypointRCNNPredictor(16, 3), KeypointPredictor(16, 3, "pixel_shuffle")):
+        torch.testing.assert_close(fp.keypoint_logits(kp, x), kp(x), rtol=1e-4, atol=1e-4)
+    head = KeypointRCNNHeads(16, (8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(fp.run_conv_stack(head, x), head(x), rtol=1e-4, atol=1e-4)
+
+
+def _torchvision_twin(ours: nn.Module, kind: str, **extra) -> nn.Module:
+    """torchvision's model of the same build as `ours` (resnet18-FPN), holding ours' weights."""
+    body = resnet_fpn_backbone(backbone_name="resnet18", weights=None,
+                               norm_layer=nn.BatchNorm2d, trainable_layers=5)
+    anchors = AnchorGenerator(tuple((s,) for s in ANCHORS), ((0.5, 1.0, 2.0),) * 5)
+    if kind == "mask":
+        ref = tvd.MaskRCNN(body, None, rpn_anchor_generator=anchors,
+                           box_predictor=FastRCNNPredictor(1024, 5), **extra)
+    else:
+        ref = tvd.KeypointRCNN(body, 2, rpn_anchor_generator=anchors, **extra)
+    ref.load_state_dict(ours.state_dict() if kind != "mask" else _to_torchvision(ours))
+    return ref.eval()
+
+
+def _to_torchvision(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = dict(model.state_dict())
+    for kind in ("weight", "bias"):
+        state[f"roi_heads.mask_predictor.conv5_mask.{kind}"] = state.pop(
+            f"roi_heads.mask_predictor.upsample.conv.{kind}")
+    return state
+
+
+def test_mask_rcnn_eval_equals_torchvision() -> None:
+    """Same weights: identical boxes, labels and scores; masks equal up to ties at 0.5."""
+    torch.manual_seed(4)
+    size = 128
+    ours = mask_rcnn(5, backbone="resnet18", mask_head_layers=(32, 32), mask_threshold=None,
+                     rpn_post_nms_top_n_test=300, **_rcnn_kwargs(size)).eval()
+    with torch.no_grad():  # logits around 0: half the pixels foreground, many close calls
+        ours.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(0.05)
+        ours.roi_heads.mask_predictor.mask_fcn_logits.bias.zero_()
+    ref = _torchvision_twin(ours, "mask", **_rcnn_kwargs(size), rpn_post_nms_top_n_test=300,
+                            mask_head=MaskRCNNHeads(256, (32, 32), 1),
+                            mask_predictor=MaskRCNNPredictor(32, 32, 5))
+    images = [torch.rand(3, size, size), torch.rand(3, 100, size)]
+    with torch.inference_mode():
+        expected, got = ref(images), ours(images)
+        ours.transform.mask_threshold = 0.5
+        binary = ours(images)
+    for e, g, b in zip(expected, got, binary):
+        assert len(g["boxes"]) == 60
+        for key in ("boxes", "labels", "scores"):
+            assert torch.equal(g[key], e[key]), key
+        torch.testing.assert_close(g["masks"], e["masks"], rtol=0, atol=1e-4)
+        decided = (e["masks"] - 0.5).abs() > TIE
+        ref_bin, our_bin = (e["masks"] >= 0.5) & decided, b["masks"] & decided
+        inter = (ref_bin & our_bin).flatten(1).sum(1)
+        union = (ref_bin | our_bin).flatten(1).sum(1)
+        assert bool((inter[union > 0] / union[union > 0] >= 0.99).all())
+        assert b["masks"].dtype == torch.bool
+
+
+def test_keypoint_rcnn_eval_equals_torchvision() -> None:
+    torch.manual_seed(5)
+    size = 96
+    ours = keypoint_rcnn(2, num_keypoints=5, backbone="resnet18", keypoint_head_layers=(32, 32),
+                         **_rcnn_kwargs(size)).eval()
+    ref = _torchvision_twin(ours, "keypoint", **_rcnn_kwargs(size),
+                            keypoint_head=KeypointRCNNHeads(256, (32, 32)),
+                            keypoint_predictor=KeypointRCNNPredictor(32, 5))
+    images = [torch.rand(3, size, size)]
+    with torch.inference_mode():
+        (e,), (g,) = ref(images), ours(images)
+    for key in ("boxes", "labels", "scores"):
+        assert torch.equal(g[key], e[key]), key
+    # pixelwise reports COCO pixel indices: torchvision's cell centres minus the offset
+    shifted = e["keypoints"].clone()
+    shifted[..., :2] -= KEYPOINT_PIXEL_OFFSET
+    torch.testing.assert_close(g["keypoints"], shifted, rtol=0, atol=1e-4)
+    torch.testing.assert_close(g["keypoints_scores"], e["keypoints_scores"], rtol=1e-3,
+                               atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- train and format
+
+
+@pytest.fixture(scope="module")
+def instance_batch(tmp_path_factory):
+    root = synthesize("instance", tmp_path_factory.mktemp("inst") / "data", num=4,
+                      size=(128, 128), val_fraction=0.0)
+    ds = CocoInstances.from_layout(root, "train")
+    images, targets = collate_detection([ds[i] for i in range(len(ds))])
+    with_objects = [i for i, t in enumerate(targets) if len(t["boxes"])]
+    return ds, [images[i] for i in with_objects[:2]], [targets[i] for i in with_objects[:2]]
+
+
+def test_training_returns_losses_that_fall(instance_batch) -> None:
+    ds, images, targets = instance_batch
+    torch.manual_seed(0)
+    model = mask_rcnn(ds.categories.num_classes, **LIGHT)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    totals = []
+    for _ in range(6):
+        losses = model(images, targets)
+        assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask",
+                               "loss_objectness", "loss_rpn_box_reg"}
+        total = sum(losses.values())
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        totals.append(float(total.detach()))
+    assert sum(totals[-2:]) < 0.6 * sum(totals[:2]), totals
+
+
+def test_eval_output_format(instance_batch) -> None:
+    ds, images, _ = instance_batch
+    model = mask_rcnn(ds.categories.num_classes, **LIGHT, box_score_thresh=0.0,
+                      box_detections_per_img=7).eval()
+    odd = torch.rand(3, 67, 71)
+    with torch.inference_mode():
+        out = model([images[0], odd])
+    assert len(out) == 2
+    for det, (h, w) in zip(out, [(128, 128), (67, 71)]):
+        assert set(det) == {"boxes", "labels", "scores", "masks"}
+        d = len(det["boxes"])
+        assert d == 7
+        assert det["boxes"].shape == (d, 4) and det["scores"].shape == (d,)
+        assert det["labels"].dtype == torch.int64
+        assert bool(((det["labels"] >= 1) & (det["labels"] < ds.categories.num_classes)).all())
+        assert det["masks"].shape == (d, 1, h, w) and det["masks"].dtype == torch.bool
+        assert bool((det["scores"][:-1] >= det["scores"][1:]).all())
+    # min_size=None: images keep their size inside the model
+    image_list, _ = model.transform([odd])
+    assert image_list.image_sizes == [(67, 71)]
+
+
+def test_degenerate_and_empty_targets_train(instance_batch, caplog) -> None:
+    ds, images, targets = instance_batch
+    torch.manual_seed(0)
+    model = mask_rcnn(ds.categories.num_classes, **LIGHT).train()
+    bad = dict(targets[0])
+    boxes = bad["boxes"].clone()
+    boxes[0, 2] = boxes[0, 0]  # zero width
+    bad["boxes"] = boxes
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "masks": torch.zeros(0, 128, 128, dtype=torch.uint8)}
+    with caplog.at_level(logging.WARNING):
+        losses = model([images[0], images[1]], [bad, empty])
+    assert "degenerate" in caplog.text
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+def test_clean_targets_drops_crowds_and_shifts_keypoints() -> None:
+    target = {"boxes": torch.tensor([[0.0, 0, 10, 10], [2, 2, 8, 9], [1, 1, 1, 5]]),
+              "labels": torch.tensor([1, 2, 1]), "iscrowd": torch.tensor([0, 1, 0]),
+              "keypoints": torch.tensor([[[3.0, 4, 2]], [[5, 5, 2]], [[1, 1, 1]]])}
+    (out,) = clean_targets([target], keypoint_offset=0.5, num_keypoints=1)
+    assert out["boxes"].tolist() == [[0.0, 0, 10, 10]]
+    assert out["keypoints"].tolist() == [[[3.5, 4.5, 2.0]]]
+    with pytest.raises(UserError, match="predicts 2 keypoints"):
+        clean_targets([target], num_keypoints=2)
+
+
+FIVE = KeypointSchema(("centre", "left_top", "right_top", "left_bottom", "right_bottom"),
+                      skeleton=((0, 1), (0, 2), (0, 3), (0, 4)), sigmas=(0.05,) * 5)
+
+
+def _corner_keypoints(boxes: torch.Tensor) -> torch.Tensor:
+    x1, y1, x2, y2 = boxes.unbind(1)
+    pts = [((x1 + x2) / 2, (y1 + y2) / 2), (x1, y1), (x2 - 1, y1), (x1, y2 - 1), (x2 - 1, y2 - 1)]
+    xy = torch.stack([torch.stack(p, dim=1) for p in pts], dim=1)  # (N, 5, 2)
+    return torch.cat([xy, torch.full((len(boxes), 5, 1), 2.0)], dim=2)  # (N, 5, 3)
+
+
+def test_keypoint_rcnn_with_a_five_point_schema(instance_batch) -> None:
+    _, images, targets = instance_batch
+    assert FIVE.flip_pairs == ((1, 2), (3, 4))
+    model = keypoint_rcnn(2, schema=FIVE, backbone="resnet18", keypoint_head_layers=(32, 32),
+                          box_score_thresh=0.0, box_detections_per_img=5,
+                          box_batch_size_per_image=32, rpn_post_nms_top_n_train=300)
+    assert model.schema is FIVE and model.num_keypoints == 5
+    kp_targets = [{"boxes": t["boxes"], "labels": torch.ones(len(t["boxes"]), dtype=torch.int64),
+                   "keypoints": _corner_keypoints(t["boxes"])} for t in targets]
+    model.train()
+    losses = model(images, kp_targets)
+    assert "loss_keypoint" in losses and torch.isfinite(losses["loss_keypoint"])
+    wrong = [dict(t, keypoints=torch.zeros(len(t["boxes"]), 17, 3)) for t in kp_targets]
+    with pytest.raises(UserError, match="predicts 5 keypoints"):
+        model(images, wrong)
+    model.eval()
+    with torch.inference_mode():
+        (det,) = model(images[:1])
+    assert det["keypoints"].shape == (5, 5, 3) and det["keypoints_scores"].shape == (5, 5)
+    with pytest.raises(UserError, match="num_keypoints=4 but the schema has 5"):
+        keypoint_rcnn(2, schema=FIVE, num_keypoints=4, backbone="resnet18")
+    built = keypoint_rcnn(2, schema=FIVE.to_coco_category() | {"name": "box"},
+                          backbone="resnet18", keypoint_head_layers=(8,))
+    assert built.schema.names == FIVE.names
+
+
+def test_grey_images_and_mobilenet_backbone() -> None:
+    """16-bit microscopy comes as one channel: in_channels=1 normalises with one mean / std."""
+    torch.manual_seed(6)
+    grey = mask_rcnn(2, **LIGHT, in_channels=1, box_score_thresh=0.0,
+                     box_detections_per_img=3).eval()
+    assert grey.transform.image_mean == [pytest.approx(0.449, abs=1e-3)]
+    mobile = mask_rcnn(2, **dict(LIGHT, backbone="mobilenet_v3_large"), box_score_thresh=0.0,
+                       box_detections_per_img=3).eval()
+    with torch.inference_mode():
+        (g,) = grey([torch.rand(1, 64, 80)])
+        (m,) = mobile([torch.rand(3, 64, 80)])
+    assert g["masks"].shape == (3, 1, 64, 80) and m["masks"].shape == (3, 1, 64, 80)
+
+
+def test_no_detections_keep_the_output_shapes() -> None:
+    masks = mask_rcnn(3, **LIGHT, box_score_thresh=0.999).eval()
+    points = keypoint_rcnn(2, num_keypoints=4, backbone="resnet18", keypoint_head_layers=(16,),
+                           box_score_thresh=0.999).eval()
+    with torch.inference_mode():
+        (m,) = masks([torch.rand(3, 64, 48)])
+        (k,) = points([torch.rand(3, 64, 48)])
+    assert m["boxes"].shape == (0, 4) and m["masks"].shape == (0, 1, 64, 48)
+    assert k["keypoints"].shape == (0, 4, 3) and k["keypoints_scores"].shape == (0, 4)
