@@ -38,11 +38,11 @@ SMALL_SCENE = SceneConfig(thing_size=(0.12, 0.35), crowd_fraction=0.0)
 
 
 def make_data(root: Path, *, size: int, num: int, seed: int,
-              scene: SceneConfig = SMALL_SCENE) -> Path:
+              scene: SceneConfig = SMALL_SCENE, val_fraction: float = 0.2) -> Path:
     """Write `num` seeded synthetic semantic images of size x size under `root` (replacing the
-    layout there); returns `root`."""
+    layout there; `val_fraction` of them in val); returns `root`."""
     summary = run_synthesis("semantic", root, num=num, size=(size, size), seed=seed,
-                            overwrite=True, config=scene)
+                            val_fraction=val_fraction, overwrite=True, config=scene)
     logger.info("synthesised %d semantic images of %dx%d in %s (%s)", num, size, size, root,
                 ", ".join(f"{s} {c['images']}" for s, c in summary.splits.items()))
     return root
