@@ -32,18 +32,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="log and leave out bad samples (those `pixelwise data check` "
+                        "reports) instead of stopping at the first")
     add_json_flag(parser)
     parser.set_defaults(func=run)
 
 
 def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which: str = "best",
-                 batch_size: int = 8, workers: int = 0, device: str = "auto") -> dict[str, Any]:
-    """The task's metrics of `run_dir`'s checkpoint on `split` of `data`."""
+                 batch_size: int = 8, workers: int = 0, device: str = "auto",
+                 skip_bad: bool = False) -> dict[str, Any]:
+    """The task's metrics of `run_dir`'s checkpoint on `split` of `data` (`skip_bad`: bad
+    samples are logged and left out of the metrics)."""
     import torch
     from torch.utils.data import DataLoader
 
     from pixelwise.engine.checkpoint import find_checkpoint, load_model, read_meta
     from pixelwise.engine.distributed import resolve_device
+    from pixelwise.engine.loader import DropBadSamples
     from pixelwise.errors import UserError
     from pixelwise.tasks import build_task
 
@@ -61,8 +67,10 @@ def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which:
     dev = resolve_device(device)
     model, meta = load_model(path, device=dev)
     size = train_cfg.get("size")
-    dataset = task.dataset(data, split, size=tuple(size) if size else None, train=False)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=task.collate,
+    dataset = task.dataset(data, split, size=tuple(size) if size else None, train=False,
+                           skip_bad=skip_bad)
+    collate = DropBadSamples(task.collate) if skip_bad else task.collate
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
                         num_workers=workers)
     logger.info("evaluating %s (%s, step %s) on %s split %r: %d images", path,
                 meta["model"]["name"], meta.get("progress", {}).get("step"), data, split,
@@ -93,7 +101,8 @@ def _print_panoptic(metrics: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run_dir, args.data, split=args.split, which=args.checkpoint,
-                           batch_size=args.batch_size, workers=args.workers, device=args.device)
+                           batch_size=args.batch_size, workers=args.workers, device=args.device,
+                           skip_bad=args.skip_bad)
     if args.json:
         emit_json(metrics)
         return 0

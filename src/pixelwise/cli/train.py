@@ -26,7 +26,7 @@ from pixelwise.errors import UserError
 logger = logging.getLogger(__name__)
 
 # settings a resumed run may change (the others would make it a different run)
-RESUME_OVERRIDES = ("epochs", "max_steps", "workers", "device", "progress", "data")
+RESUME_OVERRIDES = ("epochs", "max_steps", "workers", "device", "progress", "data", "skip_bad")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -95,6 +95,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="deterministic algorithms (exact resume; slower on GPU)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                         help="no progress bar")
+    parser.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=None,
+                        help="log and skip bad samples (those `pixelwise data check` reports) "
+                        "instead of stopping at the first")
     parser.add_argument("--resume", action="store_true",
                         help="continue RUN from its last checkpoint with its saved settings")
     parser.add_argument("--overwrite", action="store_true",
@@ -105,7 +108,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
-    names = [dest for _, dest, _, _ in TRAIN_FLAGS] + ["amp", "deterministic", "progress"]
+    names = [dest for _, dest, _, _ in TRAIN_FLAGS] + ["amp", "deterministic", "progress",
+                                                      "skip_bad"]
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

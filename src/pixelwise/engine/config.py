@@ -54,6 +54,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     val_every: int = 1  # epochs between validations
     progress: bool = True  # tqdm bar on stderr (rank 0)
+    skip_bad: bool = False  # log and skip bad samples (see pixelwise.data.check) instead of stopping
 
     def __post_init__(self) -> None:
         if self.size is not None:

@@ -6,6 +6,10 @@
   random augmentation is the same whatever the number of workers or processes, and after resume.
 * `ShardSampler`: evaluation split across ranks without the padding `DistributedSampler` adds
   (padding would count some images twice in the metrics).
+* `ReplaceBadSamples` / `DropBadSamples`: the `--skip-bad` policy for datasets that read a bad
+  sample as None (`skip_bad=True`). Training replaces it by the next good sample, as
+  MMDetection does, so every batch keeps its size and DDP ranks stay in step; evaluation drops
+  it (a replacement would count an image twice in the metrics).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from pixelwise.data.check import skip_none
 from pixelwise.engine.seed import derive_seed, seeded, worker_init_fn
+from pixelwise.errors import UserError
 
 
 class SeededDataset(Dataset):
@@ -37,6 +43,43 @@ class SeededDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         with seeded(derive_seed(self.seed, epoch, index)):
             return self.dataset[index]
+
+
+class ReplaceBadSamples(Dataset):
+    """Item `i` of `dataset`, or when that is None (a bad sample the dataset logged) the first
+    good one after it (wrapping around): deterministic, so resume and DDP are unaffected.
+    Other attributes are the wrapped dataset's."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self)
+        for offset in range(n):
+            sample = self.dataset[(index + offset) % n]
+            if sample is not None:
+                return sample
+        raise UserError("every sample of the training set is bad (see `pixelwise data check`)")
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class DropBadSamples:
+    """Collate function for evaluation: `collate` of the batch without its None samples; None
+    for a batch that held only bad ones (evaluation loops skip it). Picklable for workers."""
+
+    def __init__(self, collate: Callable[[list], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, batch: list) -> Any:
+        kept = skip_none(batch)
+        return self.collate(kept) if kept else None
 
 
 class EpochSampler(DistributedSampler):

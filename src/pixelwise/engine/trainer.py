@@ -35,7 +35,14 @@ from pixelwise.engine import distributed
 from pixelwise.engine.checkpoint import load_checkpoint, save_checkpoint
 from pixelwise.engine.config import TrainConfig
 from pixelwise.engine.curves import plot_curves, read_metrics
-from pixelwise.engine.loader import EpochSampler, SeededDataset, ShardSampler, make_loader
+from pixelwise.engine.loader import (
+    DropBadSamples,
+    EpochSampler,
+    ReplaceBadSamples,
+    SeededDataset,
+    ShardSampler,
+    make_loader,
+)
 from pixelwise.engine.schedules import WarmupSchedule, make_scheduler
 from pixelwise.engine.seed import deterministic_mode, get_rng_state, seed_everything, set_rng_state
 from pixelwise.errors import UserError, unknown_name
@@ -199,9 +206,10 @@ class Trainer:
         if self.val_set is not None and len(self.val_set) > 0:
             # seeded too, so that a dataset with randomness never draws from the training stream
             val_data = SeededDataset(self.val_set, cfg.seed)
+            val_collate = DropBadSamples(task.collate) if cfg.skip_bad else task.collate
             val_loader = make_loader(val_data, sampler=ShardSampler(len(self.val_set),
                                      num_replicas=world, rank=info.rank), batch_size=per_rank,
-                                     collate_fn=task.collate, workers=cfg.workers, seed=cfg.seed,
+                                     collate_fn=val_collate, workers=cfg.workers, seed=cfg.seed,
                                      drop_last=False, pin_memory=pin)
 
         total_steps = cfg.epochs * steps_per_epoch
@@ -453,10 +461,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     options = {k: v for k, v in (("loss", cfg.loss), ("class_weights", cfg.class_weights))
                if v is not None}
     task = TASKS[cfg.task].from_data(cfg.data, **options)
-    train_set = task.dataset(cfg.data, "train", size=cfg.size, train=True)
+    train_set = task.dataset(cfg.data, "train", size=cfg.size, train=True, skip_bad=cfg.skip_bad)
+    if cfg.skip_bad:
+        train_set = ReplaceBadSamples(train_set)
     val_set = None
     if _has_split(cfg.data, "val"):
-        val_set = task.dataset(cfg.data, "val", size=cfg.size, train=False)
+        val_set = task.dataset(cfg.data, "val", size=cfg.size, train=False,
+                               skip_bad=cfg.skip_bad)
     else:
         logger.warning("%s has no val split: no validation, no best checkpoint", cfg.data)
     model_options = dict(cfg.model_options)

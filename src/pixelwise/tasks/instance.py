@@ -251,14 +251,14 @@ class InstanceTask:
 
     @classmethod
     def _open(cls, split: str, path: Path | None = None, *, root: str | Path,
-              transforms: Any = None, train: bool = False) -> Any:
+              transforms: Any = None, train: bool = False, skip_bad: bool = False) -> Any:
         from pixelwise.data.coco import CocoInstances
 
         path = path or _annotation_file(root, cls.kind, split)
         if not path.is_file():
             raise UserError(f"{root}: no {cls.kind} annotations for split {split!r} ({path})")
         return CocoInstances(path, Path(root) / "images" / split, transforms=transforms,
-                             with_masks=train)
+                             with_masks=train, skip_bad=skip_bad)
 
     @classmethod
     def _options_of(cls, dataset: Any) -> dict[str, Any]:
@@ -319,14 +319,16 @@ class InstanceTask:
         return JointTransform(steps, min_size=min_size) if steps else None
 
     def dataset(self, root: str | Path, split: str, *, size: tuple[int, int] | None = None,
-                train: bool = False) -> Dataset:
+                train: bool = False, skip_bad: bool = False) -> Dataset:
         """The `split` of the dataset at `root`: (image, target) samples, resized to `size`
         (H, W) when given; augmented when `train`. Masks are decoded only for training (the
-        evaluation reads the annotation json itself)."""
+        evaluation reads the annotation json itself). `skip_bad`: a bad sample is logged and
+        read as None (see `pixelwise.data.check`) instead of stopping."""
         path = _annotation_file(root, self.kind, split)
         transforms = _Tagged(self.transforms(size=tuple(size) if size else None, train=train),
                              str(path.resolve()))
-        dataset = self._open(split, path, root=root, transforms=transforms, train=train)
+        dataset = self._open(split, path, root=root, transforms=transforms, train=train,
+                             skip_bad=skip_bad)
         self._check_categories(dataset.categories, path)
         self._check_dataset(dataset, path)
         return dataset
@@ -419,6 +421,8 @@ class InstanceTask:
         model.eval()
         try:
             for batch in batches:
+                if batch is None:  # only bad samples (--skip-bad)
+                    continue
                 images, targets = self.to_device(batch, device)
                 if not images:
                     continue
@@ -505,13 +509,14 @@ class KeypointTask(InstanceTask):
 
     @classmethod
     def _open(cls, split: str, path: Path | None = None, *, root: str | Path,
-              transforms: Any = None, train: bool = False) -> Any:
+              transforms: Any = None, train: bool = False, skip_bad: bool = False) -> Any:
         from pixelwise.data.coco import CocoKeypoints
 
         path = path or _annotation_file(root, cls.kind, split)
         if not path.is_file():
             raise UserError(f"{root}: no {cls.kind} annotations for split {split!r} ({path})")
-        return CocoKeypoints(path, Path(root) / "images" / split, transforms=transforms)
+        return CocoKeypoints(path, Path(root) / "images" / split, transforms=transforms,
+                             skip_bad=skip_bad)
 
     @classmethod
     def _options_of(cls, dataset: Any) -> dict[str, Any]:

@@ -229,9 +229,10 @@ class PanopticTask:
                 logger.warning("%s: category names differ from the model's (same ids)", path)
 
     def dataset(self, root: str | Path, split: str, *, size: tuple[int, int] | None = None,
-                train: bool = False) -> Dataset:
+                train: bool = False, skip_bad: bool = False) -> Dataset:
         """`CocoPanoptic` of `split`. Training resizes to `size` (H, W) when given and flips
-        horizontally at random; evaluation resizes the image only (see the module docstring)."""
+        horizontally at random; evaluation resizes the image only (see the module docstring).
+        `skip_bad`: a bad sample is logged and read as None instead of stopping."""
         from pixelwise.data.panoptic import CocoPanoptic
         from pixelwise.data.transforms import HorizontalFlip, JointTransform, Resize
 
@@ -244,7 +245,7 @@ class PanopticTask:
             transforms = JointTransform(steps)
         elif size is not None:
             transforms = ResizeImage(size)
-        return CocoPanoptic.from_layout(root, split, transforms=transforms)
+        return CocoPanoptic.from_layout(root, split, transforms=transforms, skip_bad=skip_bad)
 
     collate = staticmethod(list_collate)
 
@@ -297,6 +298,8 @@ class PanopticTask:
         model.eval()
         try:
             for batch in batches:
+                if batch is None:  # only bad samples (--skip-bad)
+                    continue
                 images, targets = self.to_device(batch, device)
                 with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
                     outputs = model(images)
@@ -318,5 +321,7 @@ class PanopticTask:
         metric.fn[:] = stats[2 * c:3 * c].round().long().numpy()
         metric.iou[:] = stats[3 * c:4 * c].numpy()
         metric.num_images = int(stats[-1])
+        if metric.num_images == 0:
+            raise UserError("no images to evaluate")
         result = metric.compute()
         return {"pq": result["all"]["pq"], **result}

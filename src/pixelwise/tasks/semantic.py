@@ -125,9 +125,10 @@ class SemanticTask:
                            other.class_names)
 
     def dataset(self, root: str | Path, split: str, *, size: tuple[int, int] | None = None,
-                train: bool = False) -> Dataset:
+                train: bool = False, skip_bad: bool = False) -> Dataset:
         """The `split` of the dataset at `root`, resized to `size` (H, W) when given (masks by
-        nearest-exact); training adds a random horizontal flip."""
+        nearest-exact); training adds a random horizontal flip. `skip_bad`: a bad sample is
+        logged and read as None (see `pixelwise.data.check`) instead of stopping."""
         from pixelwise.data.semantic import SemanticDataset
         from pixelwise.data.transforms import HorizontalFlip, JointTransform, Resize
 
@@ -137,7 +138,7 @@ class SemanticTask:
         if train:
             steps.append(HorizontalFlip(0.5))
         transforms = JointTransform(steps) if steps else None
-        return SemanticDataset(root, split, transforms=transforms)
+        return SemanticDataset(root, split, transforms=transforms, skip_bad=skip_bad)
 
     collate = staticmethod(collate)
 
@@ -172,13 +173,19 @@ class SemanticTask:
                                   class_names=self.class_names)
         was_training = model.training
         model.eval()
+        seen = 0
         try:
             for batch in batches:
+                if batch is None:  # only bad samples (--skip-bad)
+                    continue
                 images, targets = self.to_device(batch, device)
+                seen += len(images)
                 with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
                     logits = logits_of(model(images))
                 metrics.update(logits.argmax(dim=1), match_target(logits, targets))
         finally:
             model.train(was_training)
         metrics.confusion = all_reduce_sum(metrics.confusion)
+        if int(all_reduce_sum(torch.tensor([seen]))[0]) == 0:
+            raise UserError("no images to evaluate")
         return metrics.compute()
