@@ -22,12 +22,14 @@ def _one_thread():
 @pytest.mark.parametrize(("task", "model", "headline"), [
     ("instance", "mask_rcnn", "segm"),
     ("keypoints", "keypoint_rcnn", "keypoints"),
+    ("instance", "solov2", "segm"),
 ])
 def test_quick_demo_writes_run_metrics_and_predictions(
         task: str, model: str, headline: str, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--task", task, "--quick", "--out", str(out), "--json"]) == 0
+    assert main(["demo", "--task", task, "--model", model, "--quick", "--out", str(out),
+                 "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["task"] == task and summary["model"] == model
     assert summary["steps"] == 2

@@ -37,6 +37,36 @@ def test_resnet_matches_torchvision_fpn_backbone() -> None:
         v.shape for v in ref.state_dict().values()]
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])
+def test_fpn_channels_sets_the_width_of_every_level(name: str) -> None:
+    """A narrower FPN: every level (pool included) has `fpn_channels` maps; the body and its
+    frozen stages are those of the default build, and the FPN equals torchvision's
+    FeaturePyramidNetwork of that width on the same inputs."""
+    torch.manual_seed(0)
+    narrow = build_fpn_backbone(name, fpn_channels=64, trainable_layers=3)
+    default = build_fpn_backbone(name, trainable_layers=3)
+    assert narrow.out_channels == 64
+    shapes = feature_shapes(narrow, (64, 96))
+    assert {shape[0] for shape in shapes.values()} == {64}
+    wide = feature_shapes(default, (64, 96))
+    assert [s[1:] for s in shapes.values()] == [s[1:] for s in wide.values()]
+    body = {k: p.requires_grad for k, p in narrow.named_parameters() if k.startswith("body.")}
+    assert body == {k: p.requires_grad for k, p in default.named_parameters()
+                    if k.startswith("body.")}
+    widths = [block[0].in_channels for block in default.fpn.inner_blocks]
+    ref = torchvision.ops.FeaturePyramidNetwork(
+        widths, 64, extra_blocks=torchvision.ops.feature_pyramid_network.LastLevelMaxPool())
+    ref.load_state_dict(narrow.fpn.state_dict())
+    narrow.eval()
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        ours = narrow(x)
+        theirs = ref(narrow.body(x))
+    assert list(ours) == list(theirs)
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("trainable", [0, 3, 5])
 def test_trainable_layers_freeze_like_torchvision(trainable: int) -> None:
     ours = build_fpn_backbone("resnet18", trainable_layers=trainable)
@@ -89,6 +119,8 @@ def test_unknown_name_lists_valid_ones() -> None:
     ({"trainable_layers": 6}, "trainable_layers"),
     ({"returned_layers": [0, 1]}, "returned_layers"),
     ({"in_channels": 0}, "in_channels"),
+    ({"fpn_channels": 0}, "fpn_channels"),
+    ({"fpn_channels": 12.5}, "fpn_channels"),
 ])
 def test_bad_options(kwargs, match) -> None:
     with pytest.raises(UserError, match=match):
@@ -107,3 +139,17 @@ def test_bad_weights_files(tmp_path) -> None:
     junk.write_bytes(b"not a torch file")
     with pytest.raises(UserError, match="cannot read"):
         build_fpn_backbone("resnet18", weights=junk)
+
+
+@pytest.mark.parametrize("model", ["mask_rcnn", "keypoint_rcnn", "solov2", "panoptic_fpn"])
+def test_models_on_an_fpn_take_fpn_channels(model: str) -> None:
+    from pixelwise.models import build_model
+
+    extra = {"keypoint_rcnn": {"num_keypoints": 5}, "panoptic_fpn": {"num_things": 2}}
+    net = build_model(model, num_classes=4, backbone="resnet18", fpn_channels=32,
+                      **extra.get(model, {})).eval()
+    fpn = next(m for m in net.modules() if isinstance(m, torchvision.ops.FeaturePyramidNetwork))
+    assert {block[0].out_channels for block in fpn.layer_blocks} == {32}
+    with torch.no_grad():
+        out = net([torch.rand(3, 64, 64)])
+    assert isinstance(out, list) and len(out) == 1  # every head takes the 32 maps

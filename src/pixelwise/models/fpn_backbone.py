@@ -1,6 +1,7 @@
 """Backbone + feature pyramid network (FPN, Lin et al. 2017) for the R-CNN family and friends.
 
-`build_fpn_backbone(name, ...)` returns torchvision's `BackboneWithFPN` (``.out_channels`` = 256),
+`build_fpn_backbone(name, ...)` returns torchvision's `BackboneWithFPN` (``.out_channels`` = 256 by
+default, `fpn_channels` otherwise),
 made by torchvision's own extractors (`_resnet_fpn_extractor`, `_mobilenet_extractor`): random
 init (torchvision ``weights=None``, nothing downloaded) unless `weights` names a local file.
 ``forward(images (N, C, H, W)) -> OrderedDict`` of (N, 256, H/s, W/s) maps named ``"0"``..``"3"``
@@ -36,6 +37,7 @@ from torchvision.models.detection.backbone_utils import (
     _resnet_fpn_extractor,
 )
 from torchvision.ops import misc as misc_nn_ops
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
 from pixelwise.encoders.torchvision_encoders import _adapt_first_conv, load_state_file
 from pixelwise.errors import UserError, unknown_name
@@ -114,6 +116,7 @@ def build_fpn_backbone(
     norm_layer: Callable[..., nn.Module] | None = None,
     fpn_norm_layer: Callable[..., nn.Module] | None = None,
     extra_blocks: nn.Module | None = None,
+    fpn_channels: int = 256,
 ) -> BackboneWithFPN:
     """A torchvision backbone with an FPN on top (see the module docstring).
 
@@ -125,6 +128,9 @@ def build_fpn_backbone(
     / repeated to fit. norm_layer: the backbone's normalisation (default `nn.BatchNorm2d` for
     random init, `FrozenBatchNorm2d` with `weights`, as torchvision). fpn_norm_layer: the FPN's
     (default none). extra_blocks: torchvision's (default `LastLevelMaxPool`, the "pool" level).
+    fpn_channels: the FPN's width (torchvision's 256 by default; on small images on a CPU the
+    stride-4 level's 3x3 conv at 256 channels costs more than a ResNet-18, and 128 halves the
+    whole model's cost).
     """
     if not isinstance(name, str) or name not in FPN_BACKBONES:
         raise unknown_name("backbone", name, FPN_BACKBONES)
@@ -163,6 +169,13 @@ def build_fpn_backbone(
         # stage i ends on a stride-2 block, so its stride is 2^(i+1); the last stage (the final
         # 1x1 conv) keeps stage 4's stride 32
         strides = [2 ** (min(k, 4) + 1) for k in layers]
+    if isinstance(fpn_channels, bool) or not isinstance(fpn_channels, int) or fpn_channels < 1:
+        raise UserError(f"fpn_channels must be a positive integer, got {fpn_channels!r}")
+    if fpn_channels != body.out_channels:  # torchvision's extractors fix 256: rebuild the FPN
+        widths = [block[0].in_channels for block in body.fpn.inner_blocks]
+        body.fpn = FeaturePyramidNetwork(widths, fpn_channels, extra_blocks=body.fpn.extra_blocks,
+                                         norm_layer=fpn_norm_layer)
+        body.out_channels = fpn_channels
     names = [str(i) for i in range(len(layers))]
     if extra_blocks is None:  # LastLevelMaxPool: one more level at twice the last stride
         strides.append(strides[-1] * 2)

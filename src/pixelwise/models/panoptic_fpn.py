@@ -138,6 +138,7 @@ def panoptic_fpn(
     weights: str | Path | None = None,
     trainable_layers: int = 5,
     in_channels: int = 3,
+    fpn_channels: int = 256,
     upsample: str | Callable[..., nn.Module] = "bilinear",
     semantic_channels: int = 128,
     instance_loss_weight: float = 1.0,
@@ -178,7 +179,8 @@ def panoptic_fpn(
                         f"larger than num_things ({num_things}): stuff needs a class too")
     detector = mask_rcnn(
         num_things + 1, backbone=backbone, weights=weights, trainable_layers=trainable_layers,
-        in_channels=in_channels, upsample=mask_upsample, mask_head_layers=mask_head_layers,
+        in_channels=in_channels, fpn_channels=fpn_channels, upsample=mask_upsample,
+        mask_head_layers=mask_head_layers,
         anchor_sizes=anchor_sizes, aspect_ratios=aspect_ratios, min_size=min_size,
         max_size=max_size, rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
         rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,

@@ -190,9 +190,11 @@ def _common(
     in_channels: int,
     anchor_sizes: Sequence[int], aspect_ratios: Sequence[float],
     image_mean: Sequence[float] | None, image_std: Sequence[float] | None,
+    fpn_channels: int = 256,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The backbone and the keyword arguments every R-CNN here shares."""
-    body = build_fpn_backbone(backbone, weights, trainable_layers, in_channels=in_channels)
+    body = build_fpn_backbone(backbone, weights, trainable_layers, in_channels=in_channels,
+                              fpn_channels=fpn_channels)
     anchors = _anchor_generator(body, anchor_sizes, aspect_ratios)
     if image_mean is None:
         image_mean = IMAGENET_MEAN if in_channels == 3 else (sum(IMAGENET_MEAN) / 3,) * in_channels
@@ -225,6 +227,7 @@ def mask_rcnn(
     weights: str | Path | None = None,
     trainable_layers: int = 5,
     in_channels: int = 3,
+    fpn_channels: int = 256,
     upsample: UpsampleArg = "transposed",
     mask_head_layers: Sequence[int] = (256, 256, 256, 256),
     anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
@@ -251,6 +254,7 @@ def mask_rcnn(
 
     num_classes counts the background (K + 1). upsample: the mask predictor's upsampler
     (`rcnn_heads.MaskPredictor`). mask_head_layers: channels of the 3x3 convs before it.
+    fpn_channels: the FPN's width (256 as torchvision; 128 halves the cost on small images).
     anchor_sizes: one per FPN level (5). min_size None keeps images as they are; otherwise
     torchvision's resize (short side min_size, long side <= max_size). rpn_* / box_*:
     torchvision's settings (box_detections_per_img: raise it for crowded images, e.g. 300 for
@@ -259,7 +263,7 @@ def mask_rcnn(
     """
     _check_positive(num_classes=num_classes, box_detections_per_img=box_detections_per_img)
     body, kwargs = _common(num_classes, backbone, weights, trainable_layers, in_channels,
-                           anchor_sizes, aspect_ratios, image_mean, image_std)
+                           anchor_sizes, aspect_ratios, image_mean, image_std, fpn_channels)
     layers = tuple(int(c) for c in mask_head_layers)
     if not layers or any(c < 1 for c in layers):
         raise UserError(f"mask_head_layers must be positive channel counts, got "
@@ -312,6 +316,7 @@ def keypoint_rcnn(
     weights: str | Path | None = None,
     trainable_layers: int = 5,
     in_channels: int = 3,
+    fpn_channels: int = 256,
     upsample: UpsampleArg = "transposed",
     keypoint_head_layers: Sequence[int] = (512,) * 8,
     anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
@@ -344,7 +349,7 @@ def keypoint_rcnn(
     _check_positive(num_classes=num_classes, box_detections_per_img=box_detections_per_img)
     schema = _resolve_schema(num_keypoints, schema)
     body, kwargs = _common(num_classes, backbone, weights, trainable_layers, in_channels,
-                           anchor_sizes, aspect_ratios, image_mean, image_std)
+                           anchor_sizes, aspect_ratios, image_mean, image_std, fpn_channels)
     layers = tuple(int(c) for c in keypoint_head_layers)
     if not layers or any(c < 1 for c in layers):
         raise UserError(f"keypoint_head_layers must be positive channel counts, got "

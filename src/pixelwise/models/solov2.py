@@ -305,6 +305,7 @@ def solov2(
     weights: str | Path | None = None,
     trainable_layers: int = 5,
     in_channels: int = 3,
+    fpn_channels: int = 256,
     upsample: str | Callable[..., nn.Module] = "bilinear",
     grid_sizes: Sequence[int] = GRID_SIZES,
     scale_ranges: Sequence[Sequence[float]] = SCALE_RANGES,
@@ -329,7 +330,8 @@ def solov2(
 
     backbone: resnet18 / resnet34 / resnet50 / mobilenet_v3_large + FPN (`build_fpn_backbone`:
     random init unless `weights` names a local torchvision file; `trainable_layers` as
-    torchvision's). upsample: the mask feature branch's upsampler (`pixelwise.upsample`).
+    torchvision's; `fpn_channels` its FPN's width, 256 as torchvision). upsample: the mask
+    feature branch's upsampler (`pixelwise.upsample`).
     grid_sizes / scale_ranges: one per FPN level (5). head_channels, stacked_convs: category /
     kernel towers; kernel_channels: E; mask_channels: the mask feature branch's width.
     image_mean / image_std: per channel (None: ImageNet's, or its channel average when
@@ -349,7 +351,8 @@ def solov2(
         raise UserError(f"solov2: image_mean and image_std need {in_channels} values (one per "
                         "channel)")
     upsample = per_stage(upsample, 1, "solov2")[0]
-    body = build_fpn_backbone(backbone, weights, trainable_layers, in_channels=in_channels)
+    body = build_fpn_backbone(backbone, weights, trainable_layers, in_channels=in_channels,
+                              fpn_channels=fpn_channels)
     strides = tuple(getattr(body, "strides", FPN_STRIDES))
     if strides != FPN_STRIDES:
         raise UserError(f"solov2: backbone {backbone!r} gives levels at strides {strides}, "

@@ -1,0 +1,190 @@
+"""Quality runs: train a model on a synthetic set within a wall-clock budget, evaluate, compare
+with the issue's goal. Prints one table row per recipe (and a JSON record with --json).
+
+    .venv/bin/python benchmarks/quality.py RECIPE [RECIPE ...] [--minutes M] [--threads T]
+        [--out runs/quality] [--json]
+
+Recipes (goals from issues 4-7): semantic-unet, instance-mask_rcnn, instance-solov2,
+keypoints, cells-mask_rcnn, panoptic. `--list` prints them.
+
+How the budget is kept: a probe of a few training steps measures the step time on this
+machine, then the run gets `epochs` so that training steps plus about `VALIDATIONS` validation
+passes fit the budget (the cosine schedule spans exactly those epochs). The reported minutes are
+the trainer's own wall time (training + validation; data synthesis and the final evaluation are
+not counted). Run recipes one at a time on a quiet machine; with `--threads 1` two recipes can
+share a 2-core machine, each then trains on one core (a conservative reading of "2 cores").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# R-CNN settings for small synthetic images (those of the instance demo)
+# R-CNN settings for small synthetic images on a CPU: on 96-256 px images the stride-4 FPN level
+# and the RoI heads, not the backbone, take most of a step: a 128-wide FPN, thin heads, few RoIs
+RCNN = {"backbone": "resnet18", "fpn_channels": 128, "mask_head_layers": [64, 64, 64, 64],
+        "box_batch_size_per_image": 64, "rpn_post_nms_top_n_train": 600,
+        "rpn_post_nms_top_n_test": 300, "anchor_sizes": [16, 32, 64, 128, 256]}
+
+
+@dataclass
+class Recipe:
+    task: str
+    model: str
+    minutes: float
+    goals: dict[str, float]  # "segm.AP50" -> minimum
+    synth: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+RECIPES: dict[str, Recipe] = {
+    "semantic-unet": Recipe(
+        "semantic", "unet", 10, {"miou": 0.95}, {"num": 500},
+        {"width": 16, "depth": 4}, {"batch_size": 8, "lr": 3e-3, "loss": "ce+dice"}),
+    "instance-mask_rcnn": Recipe(
+        "instance", "mask_rcnn", 20, {"segm.AP50": 0.9, "segm.AP": 0.6}, {"num": 400}, RCNN,
+        {"batch_size": 4, "lr": 5e-4, "clip_grad": 10.0}),
+    "instance-solov2": Recipe(
+        "instance", "solov2", 30, {"segm.AP50": 0.8}, {"num": 400},
+        {"backbone": "resnet18", "fpn_channels": 128, "head_channels": 128, "kernel_channels": 128,
+         "mask_channels": 64}, {"batch_size": 4, "lr": 5e-4, "clip_grad": 10.0}),
+    "keypoints": Recipe(
+        "keypoints", "keypoint_rcnn", 20, {"keypoints.AP": 0.5}, {"num": 400},
+        {**{k: v for k, v in RCNN.items() if k != "mask_head_layers"},
+         "keypoint_head_layers": [128, 128, 128, 128]},
+        {"batch_size": 4, "lr": 5e-4, "clip_grad": 10.0}),
+    "cells-mask_rcnn": Recipe(
+        "instance", "mask_rcnn", 20, {"segm.AP50": 0.7},
+        {"num": 200, "cells": True, "gray16": True, "image_format": "tif"},
+        {**RCNN, "box_detections_per_img": 300, "rpn_post_nms_top_n_test": 1000,
+         "rpn_pre_nms_top_n_test": 2000, "anchor_sizes": [8, 16, 32, 64, 128]},
+        {"batch_size": 2, "lr": 5e-4, "clip_grad": 10.0}),
+    "panoptic": Recipe(
+        "panoptic", "panoptic_fpn", 30, {"pq": 0.6}, {"num": 400},
+        {**RCNN, "semantic_channels": 64}, {"batch_size": 4, "lr": 5e-4, "clip_grad": 10.0}),
+}
+VALIDATIONS = 3
+PROBE_STEPS = 6
+
+
+def _data(recipe: Recipe, root: Path, size: int, seed: int) -> Path:
+    """The recipe's synthetic set, synthesised once per (task, options) under `root`."""
+    from pixelwise.data.synthetic import synthesize
+
+    key = "-".join([recipe.task, str(size), str(seed),
+                    *(f"{k}={v}" for k, v in sorted(recipe.synth.items()))])
+    path = root / "data" / key
+    if not (path / "DONE").exists():
+        shutil.rmtree(path, ignore_errors=True)
+        synthesize(recipe.task, path, size=(size, size), seed=seed, **recipe.synth)
+        (path / "DONE").write_text("")
+    return path
+
+
+def _lookup(metrics: dict[str, Any], dotted: str) -> float:
+    value: Any = metrics
+    for part in dotted.split("."):
+        value = value[part]
+    return float(value)
+
+
+def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
+               seed: int) -> dict[str, Any]:
+    from pixelwise.cli.eval import evaluate_run
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.trainer import train
+    from pixelwise.models import model_options
+    from pixelwise.tasks import TASKS
+
+    recipe = RECIPES[name]
+    budget = 60.0 * (minutes if minutes is not None else recipe.minutes)
+    data = _data(recipe, root, size, seed)
+    task = TASKS[recipe.task].from_data(data)
+    accepted = model_options(recipe.model)
+    options = {k: v for k, v in recipe.options.items() if k in accepted}
+    options.update(task.model_options(recipe.model) if hasattr(task, "model_options") else {})
+    base = TrainConfig(data=str(data), out=str(root / name / "probe"), task=recipe.task,
+                       model=recipe.model, model_options=options, progress=False, seed=seed,
+                       **recipe.train)
+    # probe: the step time on this machine
+    probe = train(base.replace(epochs=1, max_steps=PROBE_STEPS, val_every=10 ** 6),
+                  overwrite=True)
+    record = json.loads((Path(probe["out"]) / "metrics.jsonl").read_text().splitlines()[-1])
+    step_seconds = record["train_seconds"] / max(probe["steps"], 1)  # validation left out
+    n_train = len(task.dataset(data, "train"))
+    steps_per_epoch = max(1, n_train // base.batch_size)
+    epochs = max(1, int(0.88 * budget / (step_seconds * steps_per_epoch)))
+    logging.info("%s: %.2f s per step, %d steps per epoch -> %d epochs in %.0f s", name,
+                 step_seconds, steps_per_epoch, epochs, budget)
+    cfg = base.replace(out=str(root / name / "run"), epochs=epochs,
+                       val_every=max(1, math.ceil(epochs / VALIDATIONS)), progress=True)
+    started = time.perf_counter()
+    summary = train(cfg, overwrite=True)
+    wall = time.perf_counter() - started
+    metrics = evaluate_run(Path(cfg.out), data, which="best")
+    reached = {goal: _lookup(metrics, goal) for goal in recipe.goals}
+    return {
+        "recipe": name, "task": recipe.task, "model": recipe.model, "data": str(data),
+        "threads": torch.get_num_threads(), "budget_minutes": budget / 60,
+        "train_minutes": round(wall / 60, 2), "trainer_minutes": round(summary["seconds"] / 60, 2),
+        "steps": summary["steps"], "epochs": epochs, "batch_size": cfg.batch_size,
+        "metrics": reached, "goals": recipe.goals,
+        "met": all(reached[g] >= v for g, v in recipe.goals.items()),
+        "run": cfg.out,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipes", nargs="*", help="recipe names (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the recipes and exit")
+    parser.add_argument("--minutes", type=float, help="budget (default: the recipe's goal)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--size", type=int, default=256, help="image side (default 256)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--json", action="store_true", help="print JSON records")
+    args = parser.parse_args(argv)
+    if args.list or not args.recipes:
+        for name, r in RECIPES.items():
+            print(f"{name:20s} {r.task:10s} {r.model:14s} {r.minutes:g} min  goals {r.goals}")
+        return 0
+    unknown = [n for n in args.recipes if n not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipe(s) {', '.join(unknown)}; see --list")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    torch.set_num_threads(args.threads)
+    records = []
+    for name in args.recipes:
+        record = run_recipe(name, root=args.out, minutes=args.minutes, size=args.size,
+                            seed=args.seed)
+        records.append(record)
+        (args.out / name / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    print("| recipe | threads | budget min | trained min | steps x batch | reached | goal | met |")
+    print("|---|---:|---:|---:|---:|---|---|---|")
+    for r in records:
+        reached = ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items())
+        goals = ", ".join(f"{k} >= {v}" for k, v in r["goals"].items())
+        print(f"| {r['recipe']} | {r['threads']} | {r['budget_minutes']:g} | "
+              f"{r['train_minutes']:.1f} | {r['steps']} x {r['batch_size']} | {reached} | "
+              f"{goals} | {'yes' if r['met'] else 'no'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
