@@ -218,3 +218,40 @@ def test_batch_size_must_split_over_processes_and_no_val_means_no_best(tmp_path:
     summary = Trainer(config(out, max_steps=2), tiny_model(), task, ToyDataset()).fit()
     assert summary["best"] is None and not (out / "best.safetensors").exists()
     assert (out / "last.safetensors").is_file()
+
+
+class DtypeSpy(nn.Module):
+    """Wraps a model and records the dtype of its training-mode outputs."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.seen = inner, set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        if self.training:
+            self.seen.add(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize("amp", [None, False, True])
+def test_amp_on_cpu_is_bfloat16_and_only_when_asked_for(tmp_path: Path, amp) -> None:
+    """On a CPU the default and --no-amp train in float32; --amp trains under bfloat16 autocast
+    with float32 weights and optimizer state (no loss scaling), the loss still falls, and an
+    amp run resumes bit-identically."""
+    from pixelwise.engine.trainer import autocast_settings
+
+    assert autocast_settings(amp, torch.device("cuda")) == (amp is not False, torch.float16)
+    spy = DtypeSpy(tiny_model())
+    _, summary = run(tmp_path / "run", model=spy, amp=amp, epochs=4)
+    assert spy.seen == {torch.bfloat16 if amp else torch.float32}
+    assert all(p.dtype == torch.float32 for p in spy.parameters())
+    losses = [r["train"]["loss"] for r in records(tmp_path / "run")]
+    assert losses[-1] < losses[0]
+    if amp:
+        straight = _state(spy)
+        run(tmp_path / "split", model=DtypeSpy(tiny_model()), amp=True, epochs=4, max_steps=7)
+        resumed = DtypeSpy(tiny_model(seed=5))
+        run(tmp_path / "split", model=resumed, amp=True, epochs=4, resume=True)
+        for name, value in _state(resumed).items():
+            assert torch.equal(value, straight[name]), name

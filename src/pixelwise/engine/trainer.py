@@ -177,7 +177,7 @@ class Trainer:
             raise UserError(f"batch size {cfg.batch_size} is not divisible by the {world} "
                             "processes")
         per_rank = cfg.batch_size // world
-        amp = cfg.amp and device.type == "cuda"
+        amp, self.amp_dtype = autocast_settings(cfg.amp, device)
         distributed.barrier()  # every rank has looked at `out` before rank 0 writes into it
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +218,8 @@ class Trainer:
                                     weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         scheduler = make_scheduler(optimizer, cfg.schedule, total_steps=total_steps,
                                    warmup_steps=warmup, power=cfg.power)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        # float16 needs loss scaling, bfloat16 (CPU) has float32's range and does not
+        scaler = torch.amp.GradScaler(device.type, enabled=amp and self.amp_dtype == torch.float16)
         state = TrainState()
         if resume:
             state = self._restore(out / "last.safetensors", model, optimizer, scheduler, scaler)
@@ -282,7 +283,7 @@ class Trainer:
               device: torch.device, amp: bool, state: TrainState, out: Path) -> dict[str, float]:
         """One optimisation step; returns the loss terms averaged over ranks (`loss` = sum)."""
         batch = self.task.to_device(batch, device)
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=amp):
             terms = self.task.loss(train_model, batch)
         if not terms:
             raise UserError(f"task {self.task.name!r} returned no loss terms")
@@ -433,6 +434,27 @@ class Trainer:
             "best_step": state.best_step,
             "val": val,
         }
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it and bf16 autocast is slower than float32."""
+    try:  # private helpers of torch.cpu (no public API answers this)
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def autocast_settings(amp: bool | None, device: torch.device) -> tuple[bool, torch.dtype]:
+    """(enabled, dtype) of training autocast for `TrainConfig.amp` on `device`: float16 on CUDA
+    (on by default), bfloat16 on a CPU (only when asked for; a warning where it is emulated)."""
+    if device.type == "cuda":
+        return (True if amp is None else bool(amp)), torch.float16
+    enabled = bool(amp) and device.type == "cpu"
+    if enabled and not native_bf16():
+        logger.warning("--amp on a CPU without native bfloat16 (AVX512-BF16/AMX): expect it to "
+                       "be slower than float32")
+    return enabled, torch.bfloat16
 
 
 def _has_split(root: str | os.PathLike, split: str) -> bool:

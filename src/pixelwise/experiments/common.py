@@ -119,15 +119,17 @@ def first_batch(task: SemanticTask, dataset: Any, batch_size: int) -> Any:
 
 
 def measure_step_seconds(model: nn.Module, task: SemanticTask, batch: Any, *, lr: float,
-                         repeats: int = 3) -> float:
+                         repeats: int = 3, amp: bool = False) -> float:
     """Seconds per training step (forward, loss, backward, AdamW step) of a copy of `model` on
-    `batch`: the median of `repeats` steps after one warm-up step. `model` is not changed."""
+    `batch` (under CPU bfloat16 autocast with `amp`): the median of `repeats` steps after one
+    warm-up step. `model` is not changed."""
     probe = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr)
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
-        total = sum(task.loss(probe, batch).values())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            total = sum(task.loss(probe, batch).values())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -153,6 +155,7 @@ def train_variant(
     max_steps: int | None = None,
     progress: bool = False,
     overwrite: bool = True,
+    amp: bool = False,
 ) -> Trained:
     """Train `variant` on `data` (its train split; val too when `validate`) into `run`.
 
@@ -160,6 +163,7 @@ def train_variant(
     so the learning rate has (nearly) reached 0 when the budget ends. A seconds budget becomes
     `seconds / step time` steps, clamped to [min_steps, max_steps]. With `validate`, the val split
     is evaluated about `validations` times (every epochs / validations epochs, and at the end).
+    amp: bfloat16 autocast on the CPU (`TrainConfig.amp`).
     """
     from pixelwise.engine.config import TrainConfig
     from pixelwise.engine.seed import seed_everything
@@ -178,7 +182,7 @@ def train_variant(
         steps = budget.steps
     else:
         step_seconds = measure_step_seconds(model, task, first_batch(task, train_set, batch_size),
-                                            lr=lr)
+                                            lr=lr, amp=amp)
         steps = max(min_steps, int(budget.seconds / step_seconds))
         if max_steps is not None:
             steps = min(steps, max_steps)
@@ -191,7 +195,7 @@ def train_variant(
         model_options=options, loss=loss,
         class_weights=list(class_weights) if class_weights is not None else None,
         epochs=epochs, batch_size=batch_size, lr=lr, max_steps=steps, seed=seed,
-        progress=progress,
+        progress=progress, amp=amp,
         val_every=max(1, epochs // max(1, validations)),
     )  # fmt: skip
     summary = Trainer(cfg, model, task, train_set, val_set).fit(overwrite=overwrite)

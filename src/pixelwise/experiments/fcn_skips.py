@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 NAME = "fcn-skips"
 
 # 128 px: the stride-32 score map of FCN-32s is 4 x 4, coarse enough to see what skips add
-DEFAULTS = {"size": 128, "num": 300, "steps": 300, "width": 16, "depth": 5, "batch_size": 8,
+DEFAULTS = {"size": 128, "num": 600, "steps": 300, "width": 16, "depth": 5, "batch_size": 8,
             "lr": 3e-3}
 QUICK = {"size": 32, "num": 10, "steps": 2, "width": 4, "depth": 5, "batch_size": 4, "lr": 3e-3}
 LOSS = "ce"  # the paper's per-pixel softmax loss

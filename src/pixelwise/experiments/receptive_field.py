@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 NAME = "receptive-field"
 
-DEFAULTS = {"size": 64, "num": 300, "steps": 300, "batch_size": 8, "lr": 3e-3, "patch": 33,
+DEFAULTS = {"size": 64, "num": 600, "steps": 300, "batch_size": 8, "lr": 3e-3, "patch": 33,
             "width": 32, "unet_width": 16}
 QUICK = {"size": 32, "num": 10, "steps": 2, "batch_size": 4, "lr": 3e-3, "patch": 9,
          "width": 4, "unet_width": 4}

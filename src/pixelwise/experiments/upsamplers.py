@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 NAME = "upsamplers"
 
 # image side, images, steps per model, U-Net width and depth, batch size, learning rate
-DEFAULTS = {"size": 64, "num": 300, "steps": 300, "width": 16, "depth": 3, "batch_size": 8,
+DEFAULTS = {"size": 64, "num": 600, "steps": 300, "width": 16, "depth": 3, "batch_size": 8,
             "lr": 3e-3}
 QUICK = {"size": 32, "num": 10, "steps": 2, "width": 4, "depth": 2, "batch_size": 4, "lr": 3e-3}
 LOSS = "ce+dice"
