@@ -17,12 +17,7 @@ TINY = ["--model", "unet", "--width", "8", "--depth", "2", "--batch-size", "4", 
         "--no-progress", "--seed", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add hand-off time on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from pixelwise.cli import EXIT_USER_ERROR, main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quick_demo_writes_everything_and_scores_agree(

@@ -6,7 +6,7 @@ import importlib
 import io
 import json
 from contextlib import redirect_stdout
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,14 +36,7 @@ def _expected_variants(name: str) -> list[str]:
     return list(module.variants(q["width"], q["depth"]))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny quick-mode models: one thread avoids the synchronisation cost of two (large on a busy
-    # machine, where a waiting thread loses whole time slices)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 Report = tuple[str, Path, dict]

@@ -20,14 +20,7 @@ RCNN_LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness"
                "loss_rpn_box_reg"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """R-CNN backward passes on a shared 2-core machine: one thread is ~10x faster than two
-    threads fighting other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,13 +40,8 @@ LIGHT = dict(backbone="resnet18", mask_head_layers=(32, 32), rpn_batch_size_per_
              rpn_post_nms_top_n_test=300)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: on a shared 2-core machine a second thread mostly waits for a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ANCHORS = (16, 32, 64, 128, 256)
 TIE = 1e-4  # probabilities this close to 0.5 may fall either side (float rounding)
 

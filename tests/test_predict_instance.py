@@ -33,12 +33,7 @@ from pixelwise.data.images import image_to_float, read_image
 from pixelwise.metrics.coco import COCO_STAT_NAMES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _digest(image: torch.Tensor) -> str:

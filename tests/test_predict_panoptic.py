@@ -23,12 +23,7 @@ TINY = {"backbone": "resnet18", "semantic_channels": 16, "mask_head_layers": [16
 SIZE, SEED = (64, 64), 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save_run(out: Path, model: torch.nn.Module, task_config: dict, data: Path) -> Path:

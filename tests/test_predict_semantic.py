@@ -19,12 +19,7 @@ from pixelwise.errors import UserError
 TINY = {"width": 4, "depth": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(data: Path, out: Path, **changes) -> Path:

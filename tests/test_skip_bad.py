@@ -34,12 +34,7 @@ TRAIN_ARGS = {
 COMMON = ["--batch-size", "2", "--epochs", "1", "--no-progress", "--lr", "1e-4"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _truncate(path: Path) -> Path:

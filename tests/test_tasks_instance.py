@@ -40,13 +40,7 @@ KEYPOINT = ["--task", "keypoints", "--model", "keypoint_rcnn", "--keypoint-head-
             *LEAN]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: R-CNN backward is ~10x slower with two on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,7 @@ TINY = {"backbone": "resnet18", "semantic_channels": 16, "mask_head_layers": [16
 PQ_KEYS = {"all", "things", "stuff", "per_class"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # R-CNN steps on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

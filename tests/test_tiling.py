@@ -21,12 +21,7 @@ from pixelwise.predict.tiling import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
