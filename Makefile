@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/pixelwise demo --task upsamplers
+	$(VENV)/bin/pixelwise demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -100,6 +100,24 @@ def _lookup(metrics: dict[str, Any], dotted: str) -> float:
     return float(value)
 
 
+def ms_per_image(run: Path, data: Path, task: Any, images: int = 20) -> float:
+    """Median eval-mode forward time (ms) of the run's best model on single val images, at the
+    current number of threads."""
+    from pixelwise.engine.checkpoint import load_model
+
+    model, _ = load_model(run, "best")
+    model.eval()
+    dataset = task.dataset(data, "val")
+    times = []
+    with torch.inference_mode():
+        for i in range(min(images, len(dataset))):
+            image = dataset[i][0].as_subclass(torch.Tensor)
+            start = time.perf_counter()
+            model([image]) if task.name != "semantic" else model(image[None])
+            times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
 def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
                seed: int) -> dict[str, Any]:
     from pixelwise.cli.eval import evaluate_run
@@ -135,6 +153,11 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
     wall = time.perf_counter() - started
     metrics = evaluate_run(Path(cfg.out), data, which="best")
     reached = {goal: _lookup(metrics, goal) for goal in recipe.goals}
+    if recipe.task != "semantic":  # the COCO headline numbers too
+        head = "keypoints" if recipe.task == "keypoints" else "segm"
+        for key in ("AP", "AP50"):
+            if head in metrics:
+                reached.setdefault(f"{head}.{key}", float(metrics[head][key]))
     return {
         "recipe": name, "task": recipe.task, "model": recipe.model, "data": str(data),
         "threads": torch.get_num_threads(), "budget_minutes": budget / 60,
@@ -142,6 +165,7 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
         "steps": summary["steps"], "epochs": epochs, "batch_size": cfg.batch_size,
         "metrics": reached, "goals": recipe.goals,
         "met": all(reached[g] >= v for g, v in recipe.goals.items()),
+        "ms_per_image": round(ms_per_image(Path(cfg.out), data, task), 1),
         "run": cfg.out,
     }
 
@@ -175,14 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
-    print("| recipe | threads | budget min | trained min | steps x batch | reached | goal | met |")
-    print("|---|---:|---:|---:|---:|---|---|---|")
+    print("| recipe | threads | budget min | trained min | steps x batch | reached | goal | met | "
+          "ms/image |")
+    print("|---|---:|---:|---:|---:|---|---|---|---:|")
     for r in records:
         reached = ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items())
         goals = ", ".join(f"{k} >= {v}" for k, v in r["goals"].items())
         print(f"| {r['recipe']} | {r['threads']} | {r['budget_minutes']:g} | "
               f"{r['train_minutes']:.1f} | {r['steps']} x {r['batch_size']} | {reached} | "
-              f"{goals} | {'yes' if r['met'] else 'no'} |")
+              f"{goals} | {'yes' if r['met'] else 'no'} | {r['ms_per_image']} |")
     return 0
 
 

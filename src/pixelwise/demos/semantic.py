@@ -10,11 +10,16 @@ Writes under `out` (default runs/demo):
     metrics.json     the val metrics of the best checkpoint (mIoU, accuracies, boundary F, ...)
     demo.json        the summary returned (and printed by `pixelwise demo`)
 
-Choices (tuned for two CPU cores, see `SETTINGS`): 96 x 96 images so that a step is cheap; the
-scenes of `pixelwise.experiments.common.SMALL_SCENE` (every class of the default scenes, but
-things 12-35 % of the side rather than 5-20 %, which would be 5-19 px here, and no sub-pixel
-crowd groups); a U-Net of width 16 and depth 4; AdamW with a cosine schedule and the sum of
-cross-entropy and Dice (Dice lifts the small thing classes, which mIoU weighs as much as sky).
+Choices (tuned for two CPU cores, see `SETTINGS`): 64 x 64 images so that a step is cheap;
+`DEMO_SCENE`, a clean teaching scene with every class of the default scenes (3 stuff, stick
+figures, ellipses, rectangles, triangles) but at most 3 things of 20-45 % of the side, none
+hiding another, little noise and blur, no crowd groups; a U-Net of width 16 and depth 4; AdamW
+with a cosine schedule and the sum of cross-entropy and Dice (Dice lifts the small thing
+classes, which mIoU weighs as much as sky); bfloat16 autocast where the CPU has native bf16.
+Measured (2 cores, 2 minutes, ~1000 steps): the stuff classes reach IoU 0.9, the shape classes
+stay far lower — telling an ellipse from a rectangle or triangle takes a U-Net thousands of
+steps; the goal of 0.90 mIoU is not reached in 2 minutes (see the issue notes). Trials at 96 px,
+with a ResNet-18 encoder, width 32, or lr 1e-2 did worse within the same time.
 Training is budgeted in time: a few probe steps measure the step time and the run gets
 `budget_seconds / step time` steps (at least `min_steps`, so a busy machine takes longer but
 still reaches the goal), with the cosine schedule spanning exactly those steps.
@@ -22,6 +27,7 @@ still reaches the goal), with the cosine schedule spanning exactly those steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -30,15 +36,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pixelwise.data.synth_scene import SceneConfig
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+# a clean teaching scene (module docstring)
+DEMO_SCENE = SceneConfig(thing_size=(0.2, 0.45), crowd_fraction=0.0, max_things=3,
+                         min_visible_fraction=1.0, blur=(0.0, 0.5), noise=(0.005, 0.02))
 SETTINGS: dict[str, Any] = {
-    "size": 96,  # image side (px)
+    "size": 64,  # image side (px)
     "num": 400,  # images synthesised; 20 % go to val
-    "width": 16,  # U-Net base width
-    "depth": 4,  # U-Net downsamplings
+    "options": {"width": 16, "depth": 4},  # U-Net base width and downsamplings
     "batch_size": 8,
     "lr": 3e-3,
     "loss": "ce+dice",
@@ -50,7 +59,8 @@ SETTINGS: dict[str, Any] = {
     "amp": "auto",  # bfloat16 autocast where the CPU has native bf16 (about 2x the steps)
 }
 # a seconds-long run for tests: a fixed number of steps (no probe)
-QUICK: dict[str, Any] = {**SETTINGS, "size": 32, "num": 10, "width": 4, "depth": 2,
+QUICK: dict[str, Any] = {**SETTINGS, "size": 32, "num": 10,
+                         "options": {"width": 4, "depth": 2},
                          "batch_size": 4, "budget_seconds": None, "budget_steps": 2,
                          "validations": 1, "examples": 2, "amp": False}
 MARKER = "demo.json"  # a folder holding this file is a demo's output, which a new demo replaces
@@ -101,7 +111,6 @@ def run(out: Path, *, model: str | None = None, quick: bool = False) -> dict[str
     from pixelwise.engine.checkpoint import load_model
     from pixelwise.engine.trainer import native_bf16
     from pixelwise.experiments.common import (
-        SMALL_SCENE,
         Budget,
         Variant,
         evaluate,
@@ -120,8 +129,8 @@ def run(out: Path, *, model: str | None = None, quick: bool = False) -> dict[str
     out = Path(out)
     _prepare(out)
     start = time.perf_counter()
-    data = make_data(out / "data", size=s["size"], num=s["num"], seed=0, scene=SMALL_SCENE)
-    options = {"width": s["width"], "depth": s["depth"]} if name == "unet" else {}
+    data = make_data(out / "data", size=s["size"], num=s["num"], seed=0, scene=DEMO_SCENE)
+    options = dict(s["options"]) if name == "unet" else {}
     budget = Budget(steps=s.get("budget_steps"), seconds=s["budget_seconds"])
     amp = native_bf16() if s["amp"] == "auto" else bool(s["amp"])
     trained = train_variant(
@@ -172,8 +181,7 @@ def run(out: Path, *, model: str | None = None, quick: bool = False) -> dict[str
         "next": f"pixelwise eval {out / 'run'}; pixelwise predict {out / 'run'} IMAGE --out DIR",
         "per_class_iou": {k: v["iou"] for k, v in metrics["per_class"].items()},
         "amp": "bfloat16" if amp else None,
-        "settings": {**s, "scene": {"thing_size": list(SMALL_SCENE.thing_size),
-                                    "crowd_fraction": SMALL_SCENE.crowd_fraction}},
+        "settings": {**s, "scene": dataclasses.asdict(DEMO_SCENE)},
     }
     _write_json(out / MARKER, summary)
     logger.info("demo done in %.0f s: val mIoU %.3f (goal 0.90); see %s", summary["total_seconds"],

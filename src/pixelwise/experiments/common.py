@@ -318,10 +318,13 @@ def score_variant(variant: Variant, data: Path, work: Path, *, size: int, budget
     measure its cost. Returns (row, examples, trained): the row holds name, model, options,
     the semantic metrics (miou, pixel_accuracy, mean_accuracy, fw_iou, dice, boundary_f,
     output_checkerboard, per_class_iou), params, flops, receptive_field, output_stride,
-    ms_per_image (size x size, one thread, best of calls over `timing_s` seconds),
-    train_seconds and steps."""
+    ms_per_image (size x size, one thread, float32, best of calls over `timing_s` seconds),
+    train_seconds and steps. Training uses bfloat16 autocast where the CPU has native bf16."""
+    from pixelwise.engine.trainer import native_bf16
+
     trained = train_variant(variant, data, work / variant.name, budget=budget,
-                            batch_size=batch_size, lr=lr, loss=loss, seed=seed)
+                            batch_size=batch_size, lr=lr, loss=loss, seed=seed,
+                            amp=native_bf16())
     result = evaluate(trained.model, data, keep=keep)
     m = result.metrics
     x = torch.rand(1, int(getattr(trained.model, "in_channels", 3)), size, size)
