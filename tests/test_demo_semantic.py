@@ -74,7 +74,7 @@ def test_demo_replaces_only_its_own_entries(tmp_path: Path) -> None:
     (out / "run" / "old.txt").write_text("old")
     (out / "notes.txt").write_text("mine")
     (out / demo.MARKER).write_text("{}")
-    demo._prepare(out)
+    demo.prepare_out(out, demo.ENTRIES)
     assert not (out / "run").exists() and not (out / demo.MARKER).exists()
     assert (out / "notes.txt").read_text() == "mine"
 

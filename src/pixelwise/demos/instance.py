@@ -21,14 +21,12 @@ the pipeline end to end in seconds, not a useful model.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from pixelwise.demos._output import MARKER, prepare_out, write_json
 from pixelwise.errors import UserError, unknown_name
 
 logger = logging.getLogger(__name__)
@@ -64,35 +62,9 @@ SETTINGS: dict[str, Any] = {
 }
 QUICK: dict[str, Any] = {**SETTINGS, "size": 64, "num": 5, "epochs": 1, "batch_size": 2,
                          "max_steps": 2}
-MARKER = "demo.json"  # a folder holding this file is a demo's output, which a new demo replaces
 ENTRIES = ("data", "run", "predictions", "metrics.json", MARKER)
 DEFAULT_MODELS = {"instance": "mask_rcnn", "keypoints": "keypoint_rcnn"}
 HEADLINE = {"instance": "segm", "keypoints": "keypoints"}  # the AP the summary leads with
-
-
-def _prepare(out: Path) -> None:
-    """Refuse a file or a non-empty folder that is not an earlier demo's output; remove what an
-    earlier demo wrote (nothing else)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise UserError(f"{out}: folder exists, is not empty and holds no earlier demo; "
-                            "choose another --out")
-        logger.info("replacing the earlier demo in %s", out)
-        for name in ENTRIES:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
 
 
 def run_detection_demo(task_name: str, out: Path, *, model: str | None = None,
@@ -116,7 +88,7 @@ def run_detection_demo(task_name: str, out: Path, *, model: str | None = None,
     if name not in MODELS:
         raise unknown_name("model", name, MODELS)
     out = Path(out)
-    _prepare(out)
+    prepare_out(out, ENTRIES)
     start = time.perf_counter()
     scene = SceneConfig(thing_size=tuple(s["thing_size"]), crowd_fraction=0.0)
     data = synthesize(task_name, out / "data", num=s["num"], size=(s["size"], s["size"]),
@@ -137,7 +109,7 @@ def run_detection_demo(task_name: str, out: Path, *, model: str | None = None,
     loader = DataLoader(val, batch_size=2, collate_fn=task.collate)
     with torch.inference_mode():
         metrics = task.evaluate(best, loader, device=torch.device("cpu"))
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
 
     predictor = InstancePredictor(best, meta, score_threshold=s["score_threshold"])
     predicted = predict_files(predictor, expand_inputs([data / "images" / "val"]),
@@ -168,7 +140,7 @@ def run_detection_demo(task_name: str, out: Path, *, model: str | None = None,
         "settings": {**s, "thing_size": list(s["thing_size"]), "model_options": {
             k: v for k, v in options.items() if k != "schema"}},
     }
-    _write_json(out / MARKER, summary)
+    write_json(out / MARKER, summary)
     logger.info("demo done in %.0f s: val %s AP %.3f (AP50 %.3f); see %s",
                 summary["total_seconds"], headline, metrics[headline]["AP"],
                 metrics[headline]["AP50"], out)

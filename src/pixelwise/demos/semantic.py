@@ -28,15 +28,14 @@ still reaches the goal), with the cosine schedule spanning exactly those steps.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from pixelwise.data.synth_scene import SceneConfig
+from pixelwise.demos._output import MARKER, prepare_out, write_json
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -63,33 +62,7 @@ QUICK: dict[str, Any] = {**SETTINGS, "size": 32, "num": 10,
                          "options": {"width": 4, "depth": 2},
                          "batch_size": 4, "budget_seconds": None, "budget_steps": 2,
                          "validations": 1, "examples": 2, "amp": False}
-MARKER = "demo.json"  # a folder holding this file is a demo's output, which a new demo replaces
 ENTRIES = ("data", "run", "predictions", "examples.png", "metrics.json", MARKER)
-
-
-def _prepare(out: Path) -> None:
-    """Make `out` ready: refuse a file or a non-empty folder that is not an earlier demo's;
-    remove the entries an earlier demo wrote (nothing else)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise UserError(f"{out}: folder exists, is not empty and holds no earlier demo; "
-                            "choose another --out")
-        logger.info("replacing the earlier demo in %s", out)
-        for name in ENTRIES:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _examples_png(path: Path, examples: list, class_names: list[str], title: str) -> None:
@@ -127,7 +100,7 @@ def run(out: Path, *, model: str | None = None, quick: bool = False) -> dict[str
 
         raise unknown_name("model", name, MODELS)
     out = Path(out)
-    _prepare(out)
+    prepare_out(out, ENTRIES)
     start = time.perf_counter()
     data = make_data(out / "data", size=s["size"], num=s["num"], seed=0, scene=DEMO_SCENE)
     options = dict(s["options"]) if name == "unet" else {}
@@ -148,7 +121,7 @@ def run(out: Path, *, model: str | None = None, quick: bool = False) -> dict[str
     best, meta = load_model(out / "run", "best")
     result = evaluate(best, data, keep=range(s["examples"]))
     metrics = {k: v for k, v in result.metrics.items() if k != "output_checkerboard"}
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     predictor = SemanticPredictor(best, meta, batch_size=8)
     predicted = predict_files(predictor, expand_inputs([data / "images" / "val"]),
                               out / "predictions")
@@ -183,7 +156,7 @@ def run(out: Path, *, model: str | None = None, quick: bool = False) -> dict[str
         "amp": "bfloat16" if amp else None,
         "settings": {**s, "scene": dataclasses.asdict(DEMO_SCENE)},
     }
-    _write_json(out / MARKER, summary)
+    write_json(out / MARKER, summary)
     logger.info("demo done in %.0f s: val mIoU %.3f (goal 0.90); see %s", summary["total_seconds"],
                 metrics["miou"], out)
     return summary
