@@ -94,3 +94,18 @@ def test_demo_unknown_model_lists_the_valid_ones(tmp_path: Path,
     err = capsys.readouterr().err
     assert "nope" in err and "unet" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_plain_output_leads_with_the_score_and_the_goal_then_the_paths(
+        quick_demo: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
+    from pixelwise.cli.demo import print_summary
+
+    _, summary = quick_demo
+    print_summary(summary)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("semantic unet demo: val_miou ")
+    assert f"goal_miou {summary['goal_miou']}" in lines[0]
+    assert lines[1].startswith(f"trained {summary['steps']} steps")
+    listed = dict(line.split(None, 1) for line in lines[2:-1])
+    assert listed["overlays"] == summary["overlays"] and listed["curves"] == summary["curves"]
+    assert lines[-1] == f"next: {summary['next']}"

@@ -38,8 +38,25 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(summary)
     else:
-        # the headline: scalar entries of the summary, one per line
-        for key, value in summary.items():
-            if not isinstance(value, (list, dict)):
-                print(f"{key}: {value}")
+        print_summary(summary)
     return 0
+
+
+def print_summary(summary: dict) -> None:
+    """The headline (scores against the goal), the training cost, then where each output is."""
+    scores = {k: v for k, v in summary.items()
+              if k.startswith(("val_", "goal_")) and not isinstance(v, (list, dict))}
+    title = " ".join(str(summary[k]) for k in ("task", "model") if summary.get(k))
+    print(f"{title} demo: " + ", ".join(f"{k} {v}" for k, v in scores.items()) if scores
+          else f"{title} demo done")
+    if "steps" in summary:
+        print(f"trained {summary['steps']} steps in {summary.get('train_seconds')} s "
+              f"(whole demo {summary.get('total_seconds')} s)")
+    skip = {"task", "model", "next", *scores}
+    for key, value in summary.items():
+        if key not in skip and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            if key in ("steps", "train_seconds", "total_seconds"):
+                continue
+            print(f"  {key:<12} {value}")
+    if summary.get("next"):
+        print(f"next: {summary['next']}")
