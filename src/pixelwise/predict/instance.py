@@ -35,7 +35,8 @@ from torch import nn
 
 from pixelwise.data.images import image_to_float
 from pixelwise.errors import UserError
-from pixelwise.predict.semantic import OVERLAY_DIR, SIZE_POLICIES, adapt_channels
+from pixelwise.predict.semantic import OVERLAY_DIR, adapt_channels, describe_size, resolve_size
+from pixelwise.predict.tiling import model_device
 from pixelwise.tasks.instance import detections_to_cpu, rescale_detections, to_coco_results
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class InstancePredictor:
         self.task_name = self.task.name
         model_cfg = meta.get("model") or {}
         self.in_channels = int(model_cfg.get("in_channels", 3))
-        self.size = self._resolve_size(size, (meta.get("train") or {}).get("size"))
+        self.size = resolve_size(size, (meta.get("train") or {}).get("size"))
         self.batch_size = int(batch_size)
         self.score_threshold = float(score_threshold)
         self.tile = None
@@ -102,28 +103,12 @@ class InstancePredictor:
         schema = self.task.schema
         self.skeleton = list(schema.skeleton) if schema is not None else None
         self._records: list[dict[str, Any]] = []  # per written image: path, size, results
-        try:
-            self.device = next(model.parameters()).device
-        except StopIteration:
-            self.device = torch.device("cpu")
-
-    @staticmethod
-    def _resolve_size(size: str | Sequence[int], trained: Sequence[int] | None
-                      ) -> tuple[int, int] | None:
-        if isinstance(size, str):
-            if size not in SIZE_POLICIES:
-                raise UserError(f"size must be one of {', '.join(SIZE_POLICIES)} or HxW, "
-                                f"got {size!r}")
-            return tuple(int(v) for v in trained) if size == "train" and trained else None
-        h, w = (int(v) for v in size)
-        if min(h, w) < 1:
-            raise UserError(f"size must be positive, got {h}x{w}")
-        return h, w
+        self.device = model_device(model)
 
     @property
     def policy(self) -> str:
         """What `size` resolved to, for summaries: "native" or "HxW"."""
-        return "native" if self.size is None else f"{self.size[0]}x{self.size[1]}"
+        return describe_size(self.size)
 
     def prepare(self, image: torch.Tensor, name: str = "image") -> torch.Tensor:
         """(C, H, W) uint8/uint16/float image -> (in_channels, h, w) float32 model input."""

@@ -42,7 +42,13 @@ from pixelwise.data.images import image_to_float
 from pixelwise.errors import UserError
 from pixelwise.panoptic import (FusionConfig, PanopticCategories, PanopticPredictionWriter,
                                 PanopticResult, fuse_panoptic)
-from pixelwise.predict.semantic import SemanticPredictor, adapt_channels
+from pixelwise.predict.semantic import (
+    SemanticPredictor,
+    adapt_channels,
+    describe_size,
+    resolve_size,
+)
+from pixelwise.predict.tiling import model_device
 from pixelwise.tasks.panoptic import _resize_masks, fuse_model_output
 
 logger = logging.getLogger(__name__)
@@ -138,15 +144,8 @@ class GroundTruthImages:
         return self.by_name[name]
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _resolve_size(size: str | Sequence[int], meta: Mapping[str, Any]) -> tuple[int, int] | None:
-    return SemanticPredictor._resolve_size(size, (meta.get("train") or {}).get("size"))
+    return resolve_size(size, (meta.get("train") or {}).get("size"))
 
 
 class _PanopticWriting:
@@ -281,12 +280,12 @@ class PanopticPredictor(_PanopticWriting):
         self.size = _resolve_size(size, meta)
         self.batch_size = batch_size
         self.tile = None
-        self.device = _model_device(model)
+        self.device = model_device(model)
         self._setup_output(task.categories, gt_json)
 
     @property
     def policy(self) -> str:
-        return "native" if self.size is None else f"{self.size[0]}x{self.size[1]}"
+        return describe_size(self.size)
 
     def prepare(self, image: torch.Tensor, name: str = "image") -> torch.Tensor:
         """(C, H, W) image -> (in_channels, h, w) float32 model input at the prediction size."""
@@ -363,7 +362,7 @@ class FusionPredictor(_PanopticWriting):
         self.size = _resolve_size(size, instance_meta)
         self.batch_size = semantic.batch_size
         self.tile = semantic.tile
-        self.device = _model_device(instance_model)
+        self.device = model_device(instance_model)
         gt = GroundTruthImages(gt_json) if gt_json is not None else None
         missing = [n for n in self.thing_names if n not in semantic.class_names]
         if missing:
@@ -382,8 +381,7 @@ class FusionPredictor(_PanopticWriting):
 
     @property
     def policy(self) -> str:
-        inst = "native" if self.size is None else f"{self.size[0]}x{self.size[1]}"
-        return f"semantic {self.semantic.policy}, instance {inst}"
+        return f"semantic {self.semantic.policy}, instance {describe_size(self.size)}"
 
     @torch.inference_mode()
     def predict(self, images: Sequence[torch.Tensor], names: Sequence[str] | None = None

@@ -40,12 +40,38 @@ from torch import nn
 
 from pixelwise.data.images import image_to_float
 from pixelwise.errors import UserError
-from pixelwise.predict.tiling import check_tiling, output_stride, predict_padded, predict_tiled
+from pixelwise.predict.tiling import (
+    check_tiling,
+    model_device,
+    output_stride,
+    predict_padded,
+    predict_tiled,
+)
 
 logger = logging.getLogger(__name__)
 
 OVERLAY_DIR = "overlays"
 SIZE_POLICIES = ("train", "native")  # or an explicit (H, W)
+
+
+def resolve_size(size: str | Sequence[int], trained: Sequence[int] | None
+                 ) -> tuple[int, int] | None:
+    """The (H, W) a predictor resizes images to, None for their own size: `size` is "train"
+    (the run's training size `trained`, native if it had none), "native" or (H, W)."""
+    if isinstance(size, str):
+        if size not in SIZE_POLICIES:
+            raise UserError(f"size must be one of {', '.join(SIZE_POLICIES)} or HxW, "
+                            f"got {size!r}")
+        return tuple(int(v) for v in trained) if size == "train" and trained else None
+    h, w = (int(v) for v in size)
+    if min(h, w) < 1:
+        raise UserError(f"size must be positive, got {h}x{w}")
+    return h, w
+
+
+def describe_size(size: tuple[int, int] | None) -> str:
+    """A resolved size for summaries: "native" or "HxW"."""
+    return "native" if size is None else f"{size[0]}x{size[1]}"
 
 
 def adapt_channels(image: torch.Tensor, in_channels: int, name: str = "image") -> torch.Tensor:
@@ -102,7 +128,7 @@ class SemanticPredictor:
         names = task.get("class_names")
         self.class_names = list(names) if names else [f"class {i}" for i in range(self.num_classes)]
         self.in_channels = int(getattr(model, "in_channels", model_cfg.get("in_channels", 3)))
-        self.size = self._resolve_size(size, (meta.get("train") or {}).get("size"))
+        self.size = resolve_size(size, (meta.get("train") or {}).get("size"))
         if tile is not None:
             check_tiling(tile, overlap, output_stride(model))  # once, not at every image
         elif overlap < 0:
@@ -114,28 +140,12 @@ class SemanticPredictor:
         from pixelwise.viz import make_palette
 
         self.palette = make_palette(self.num_classes)  # (K, 3) uint8
-        try:
-            self.device = next(model.parameters()).device
-        except StopIteration:
-            self.device = torch.device("cpu")
-
-    @staticmethod
-    def _resolve_size(size: str | Sequence[int], trained: Sequence[int] | None
-                      ) -> tuple[int, int] | None:
-        if isinstance(size, str):
-            if size not in SIZE_POLICIES:
-                raise UserError(f"size must be one of {', '.join(SIZE_POLICIES)} or HxW, "
-                                f"got {size!r}")
-            return tuple(int(v) for v in trained) if size == "train" and trained else None
-        h, w = (int(v) for v in size)
-        if min(h, w) < 1:
-            raise UserError(f"size must be positive, got {h}x{w}")
-        return h, w
+        self.device = model_device(model)
 
     @property
     def policy(self) -> str:
         """What `size` resolved to, for summaries: "native" or "HxW"."""
-        return "native" if self.size is None else f"{self.size[0]}x{self.size[1]}"
+        return describe_size(self.size)
 
     def prepare(self, image: torch.Tensor, name: str = "image") -> torch.Tensor:
         """(C, H, W) uint8/uint16/float image -> (in_channels, h, w) float32 model input at the

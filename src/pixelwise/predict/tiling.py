@@ -139,6 +139,14 @@ def pad_to_stride(images: torch.Tensor, align: int, pad_mode: str = "reflect") -
     return PAD_MODES[pad_mode](images, (0, pad_w, 0, pad_h))
 
 
+def model_device(model: nn.Module, fallback: torch.device | None = None) -> torch.device:
+    """Where `model`'s parameters are (`fallback`, else the CPU, for a model without any)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return fallback if fallback is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def predict_padded(
     model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
@@ -154,17 +162,10 @@ def predict_padded(
     if align is None:
         align = output_stride(model) if isinstance(model, nn.Module) else 1
     h, w = images.shape[-2:]
-    device = _model_device(model, images.device) if isinstance(model, nn.Module) \
+    device = model_device(model, images.device) if isinstance(model, nn.Module) \
         else images.device
     logits = _logits(model(pad_to_stride(images, align, pad_mode).to(device)))
     return logits[..., :h, :w].to(images.device)  # (N, K, H', W') -> (N, K, H, W)
-
-
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return fallback
 
 
 @torch.no_grad()
@@ -209,7 +210,7 @@ def predict_tiled(
         elif need is not None and overlap < need:
             logger.warning("overlap %d px < %d px (receptive field + stride - 2): tile borders "
                            "may show", overlap, need)
-        device = _model_device(model, images.device)
+        device = model_device(model, images.device)
     else:
         device = images.device
     align = align or 1
