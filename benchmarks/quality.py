@@ -11,8 +11,9 @@ How the budget is kept: a probe of a few training steps measures the step time o
 machine, then the run gets `epochs` so that training steps plus about `VALIDATIONS` validation
 passes fit the budget (the cosine schedule spans exactly those epochs). The reported minutes are
 the trainer's own wall time (training + validation; data synthesis and the final evaluation are
-not counted). Run recipes one at a time on a quiet machine; with `--threads 1` two recipes can
-share a 2-core machine, each then trains on one core (a conservative reading of "2 cores").
+not counted). Training uses bfloat16 autocast where the CPU has native bf16 (`--no-amp`:
+float32). Run recipes one at a time on a quiet machine; with `--threads 1` two recipes can share
+a 2-core machine, each then trains on one core (a conservative reading of "2 cores").
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def ms_per_image(run: Path, data: Path, task: Any, images: int = 20) -> float:
 
 
 def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
-               seed: int) -> dict[str, Any]:
+               seed: int, amp: bool = False) -> dict[str, Any]:
     from pixelwise.cli.eval import evaluate_run
     from pixelwise.engine.config import TrainConfig
     from pixelwise.engine.trainer import train
@@ -135,7 +136,7 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
     options.update(task.model_options(recipe.model) if hasattr(task, "model_options") else {})
     base = TrainConfig(data=str(data), out=str(root / name / "probe"), task=recipe.task,
                        model=recipe.model, model_options=options, progress=False, seed=seed,
-                       **recipe.train)
+                       amp=amp, **recipe.train)
     # probe: the step time on this machine
     probe = train(base.replace(epochs=1, max_steps=PROBE_STEPS, val_every=10 ** 6),
                   overwrite=True)
@@ -160,7 +161,8 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
                 reached.setdefault(f"{head}.{key}", float(metrics[head][key]))
     return {
         "recipe": name, "task": recipe.task, "model": recipe.model, "data": str(data),
-        "threads": torch.get_num_threads(), "budget_minutes": budget / 60,
+        "threads": torch.get_num_threads(), "amp": "bfloat16" if amp else None,
+        "budget_minutes": budget / 60,
         "train_minutes": round(wall / 60, 2), "trainer_minutes": round(summary["seconds"] / 60, 2),
         "steps": summary["steps"], "epochs": epochs, "batch_size": cfg.batch_size,
         "metrics": reached, "goals": recipe.goals,
@@ -179,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256, help="image side (default 256)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bfloat16 autocast (default: where the CPU has native bf16)")
     parser.add_argument("--json", action="store_true", help="print JSON records")
     args = parser.parse_args(argv)
     if args.list or not args.recipes:
@@ -190,22 +194,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown recipe(s) {', '.join(unknown)}; see --list")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
+    from pixelwise.engine.trainer import native_bf16
+
+    amp = native_bf16() if args.amp is None else args.amp
     records = []
     for name in args.recipes:
         record = run_recipe(name, root=args.out, minutes=args.minutes, size=args.size,
-                            seed=args.seed)
+                            seed=args.seed, amp=amp)
         records.append(record)
         (args.out / name / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
-    print("| recipe | threads | budget min | trained min | steps x batch | reached | goal | met | "
-          "ms/image |")
-    print("|---|---:|---:|---:|---:|---|---|---|---:|")
+    print("| recipe | threads | amp | budget min | trained min | steps x batch | reached | goal "
+          "| met | ms/image |")
+    print("|---|---:|---|---:|---:|---:|---|---|---|---:|")
     for r in records:
         reached = ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items())
         goals = ", ".join(f"{k} >= {v}" for k, v in r["goals"].items())
-        print(f"| {r['recipe']} | {r['threads']} | {r['budget_minutes']:g} | "
+        print(f"| {r['recipe']} | {r['threads']} | {r['amp'] or 'no'} | {r['budget_minutes']:g} | "
               f"{r['train_minutes']:.1f} | {r['steps']} x {r['batch_size']} | {reached} | "
               f"{goals} | {'yes' if r['met'] else 'no'} | {r['ms_per_image']} |")
     return 0
