@@ -33,6 +33,7 @@ from pixelwise.viz import (
     to_display_rgb,
     voc_palette,
     with_legend,
+    enlarge_small,
 )
 from pixelwise.viz.instances import _tags
 from pixelwise.viz.overlay import region_boxes
@@ -439,3 +440,13 @@ def test_nothing_to_draw_leaves_the_image():
     np.testing.assert_array_equal(out, image)
     np.testing.assert_array_equal(overlay_panoptic(image, np.zeros((10, 12), int), [], []), image)
     np.testing.assert_array_equal(overlay_semantic(image, np.full((10, 12), 255)), image)
+
+
+def test_enlarge_small_repeats_pixels_up_to_the_minimum_side():
+    rgb = np.random.default_rng(3).integers(0, 256, (40, 64, 3), dtype=np.uint8)
+    big = enlarge_small(rgb, min_side=256)
+    assert big.shape == (280, 448, 3)  # k = ceil(256 / 40) = 7
+    np.testing.assert_array_equal(big[::7, ::7], rgb)
+    np.testing.assert_array_equal(big[6::7, 6::7], rgb)
+    assert enlarge_small(rgb, min_side=40) is rgb
+    assert enlarge_small(np.zeros((2, 2, 3), np.uint8)).shape == (16, 16, 3)  # at most 8x

@@ -182,10 +182,16 @@ class _PanopticWriting:
 
     def render(self, image: torch.Tensor, result: PanopticResult) -> np.ndarray:
         """(H, W, 3) uint8: the overlay with a legend of the stuff categories present."""
-        from pixelwise.viz import category_colors, legend_image, overlay_panoptic, with_legend
+        from pixelwise.viz import (
+            category_colors,
+            enlarge_small,
+            legend_image,
+            overlay_panoptic,
+            with_legend,
+        )
 
         ids = result.ids.cpu().numpy()
-        overlay = overlay_panoptic(image, ids, result.segments, self.categories)
+        overlay = enlarge_small(overlay_panoptic(image, ids, result.segments, self.categories))
         cats = sorted(self.categories, key=lambda c: c["id"])
         index = {c["id"]: i for i, c in enumerate(cats)}
         stuff = sorted({index[s["category_id"]] for s in result.segments

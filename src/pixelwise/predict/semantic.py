@@ -200,11 +200,12 @@ class SemanticPredictor:
         return {"labels": out / stem, "overlay": out / OVERLAY_DIR / stem}
 
     def render(self, image: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
-        """The arrays `write` saves: labels (H, W) uint8 and overlay (h, w, 3) uint8 with legend."""
-        from pixelwise.viz import legend_image, overlay_semantic, with_legend
+        """The arrays `write` saves: labels (H, W) uint8 and overlay (h, w, 3) uint8 with legend
+        (a small image's overlay enlarged k times, see `enlarge_small`)."""
+        from pixelwise.viz import enlarge_small, legend_image, overlay_semantic, with_legend
 
         lab = labels.to(torch.uint8).numpy() if self.num_classes <= 256 else labels.numpy()
-        overlay = overlay_semantic(image, lab, self.palette)
+        overlay = enlarge_small(overlay_semantic(image, lab, self.palette))
         legend = legend_image(self.class_names, self.palette, present=lab,
                               max_height=max(overlay.shape[0], 64))
         return {"labels": lab, "overlay": with_legend(overlay, legend)}

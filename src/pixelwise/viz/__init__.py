@@ -5,7 +5,7 @@ matplotlib. See `palette`, `overlay` (semantic, panoptic), `instances` and `lege
 """
 
 from pixelwise.viz.instances import DrawSizes, draw_tags, overlay_instances, text_color
-from pixelwise.viz.legend import legend_image, with_legend
+from pixelwise.viz.legend import enlarge_small, legend_image, with_legend
 from pixelwise.viz.overlay import (
     blend,
     category_colors,
@@ -44,4 +44,5 @@ __all__ = [
     "to_display_rgb",
     "voc_palette",
     "with_legend",
+    "enlarge_small",
 ]

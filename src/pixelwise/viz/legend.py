@@ -70,6 +70,17 @@ def legend_image(
     return np.asarray(legend).copy()
 
 
+def enlarge_small(rgb: np.ndarray, min_side: int = 256, max_factor: int = 8) -> np.ndarray:
+    """`rgb` (H, W, 3) repeated k x k per pixel (nearest, so labels stay crisp) with the smallest
+    integer k that brings its shorter side to `min_side` (at most `max_factor`); a 64 x 64
+    prediction is unreadable next to its legend otherwise. Large images come back unchanged."""
+    shorter = min(rgb.shape[:2])
+    factor = min(max_factor, -(-min_side // max(shorter, 1)))
+    if factor <= 1:
+        return rgb
+    return rgb.repeat(factor, axis=0).repeat(factor, axis=1)  # (kH, kW, 3)
+
+
 def with_legend(overlay: np.ndarray, legend: np.ndarray, *, gap: int = 4) -> np.ndarray:
     """The overlay (H, W, 3) with the legend (h, w, 3) to its right, tops aligned, on white:
     (max(H, h), W + gap + w, 3) uint8."""
