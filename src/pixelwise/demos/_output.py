@@ -42,3 +42,16 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def run_paths(out: Path, data: Path) -> dict[str, str]:
+    """The summary entries every training demo shares: where its output, data, run, best
+    checkpoint, curves and metrics are."""
+    return {
+        "out": str(out),
+        "data": str(data),
+        "run": str(out / "run"),
+        "checkpoint": str(out / "run" / "best.safetensors"),
+        "curves": str(out / "run" / "curves.png"),
+        "metrics": str(out / "metrics.json"),
+    }

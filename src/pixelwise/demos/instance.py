@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pixelwise.demos._output import MARKER, prepare_out, write_json
+from pixelwise.demos._output import MARKER, prepare_out, run_paths, write_json
 from pixelwise.errors import UserError, unknown_name
 
 logger = logging.getLogger(__name__)
@@ -122,12 +122,7 @@ def run_detection_demo(task_name: str, out: Path, *, model: str | None = None,
     summary = {
         "task": task_name,
         "model": name,
-        "out": str(out),
-        "data": str(data),
-        "run": str(out / "run"),
-        "checkpoint": str(out / "run" / "best.safetensors"),
-        "curves": str(out / "run" / "curves.png"),
-        "metrics": str(out / "metrics.json"),
+        **run_paths(out, data),
         "results": written["results"],
         "overlays": str(out / "predictions" / "overlays"),
         f"val_{headline}_AP": round(metrics[headline]["AP"], 4),

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pixelwise.data.synth_scene import SceneConfig
-from pixelwise.demos._output import MARKER, prepare_out, write_json
+from pixelwise.demos._output import MARKER, prepare_out, run_paths, write_json
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ SETTINGS: dict[str, Any] = {
     "max_steps": 2000,
     "validations": 4,  # val passes during training (the last one at the end)
     "examples": 4,  # val images in examples.png
-    "amp": "auto",  # bfloat16 autocast where the CPU has native bf16 (about 2x the steps)
+    "amp": "auto",  # bfloat16 autocast where the CPU has native bf16 (1.5x the steps here)
 }
 # a seconds-long run for tests: a fixed number of steps (no probe)
 QUICK: dict[str, Any] = {**SETTINGS, "size": 32, "num": 10,
@@ -134,12 +134,7 @@ def run(out: Path, *, model: str | None = None, quick: bool = False) -> dict[str
     summary = {
         "task": "semantic",
         "model": name,
-        "out": str(out),
-        "data": str(data),
-        "run": str(out / "run"),
-        "checkpoint": str(out / "run" / "best.safetensors"),
-        "curves": str(out / "run" / "curves.png"),
-        "metrics": str(out / "metrics.json"),
+        **run_paths(out, data),
         "predictions": str(out / "predictions"),
         "overlays": str(out / "predictions" / "overlays"),
         "examples": str(out / "examples.png"),

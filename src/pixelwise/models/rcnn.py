@@ -214,6 +214,26 @@ def _common(
     return body, kwargs
 
 
+# torchvision's RPN and box-branch settings, the same for every R-CNN builder here
+RPN_BOX_OPTIONS = (
+    "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
+    "rpn_post_nms_top_n_test", "rpn_nms_thresh", "rpn_batch_size_per_image", "box_score_thresh",
+    "box_nms_thresh", "box_detections_per_img", "box_batch_size_per_image",
+)
+
+
+def _pick(values: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    return {name: values[name] for name in names}
+
+
+def _head_layers(name: str, values: Sequence[int]) -> tuple[int, ...]:
+    """A head's conv widths as positive ints; a one-line error naming the option otherwise."""
+    layers = tuple(int(c) for c in values)
+    if not layers or any(c < 1 for c in layers):
+        raise UserError(f"{name} must be positive channel counts, got {list(values)}")
+    return layers
+
+
 def _check_positive(**values: Any) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -261,24 +281,15 @@ def mask_rcnn(
     cells). mask_threshold: threshold after pasting (None: probabilities). fast: the fast eval
     path of `fast_postprocess`.
     """
+    settings = dict(locals())  # the RPN / box options are passed on as they are (RPN_BOX_OPTIONS)
     _check_positive(num_classes=num_classes, box_detections_per_img=box_detections_per_img)
     body, kwargs = _common(num_classes, backbone, weights, trainable_layers, in_channels,
                            anchor_sizes, aspect_ratios, image_mean, image_std, fpn_channels)
-    layers = tuple(int(c) for c in mask_head_layers)
-    if not layers or any(c < 1 for c in layers):
-        raise UserError(f"mask_head_layers must be positive channel counts, got "
-                        f"{list(mask_head_layers)}")
+    layers = _head_layers("mask_head_layers", mask_head_layers)
     return MaskRCNN(
         body, None,
         min_size=min_size, max_size=max_size, mask_threshold=mask_threshold, fast=fast,
-        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
-        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
-        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
-        rpn_nms_thresh=rpn_nms_thresh, rpn_batch_size_per_image=rpn_batch_size_per_image,
-        box_score_thresh=box_score_thresh, box_nms_thresh=box_nms_thresh,
-        box_detections_per_img=box_detections_per_img,
-        box_batch_size_per_image=box_batch_size_per_image,
+        **_pick(settings, RPN_BOX_OPTIONS),
         mask_roi_pool=MultiScaleRoIAlign(body.featmap_names, output_size=14, sampling_ratio=2),
         mask_head=MaskRCNNHeads(body.out_channels, layers, 1),
         mask_predictor=MaskPredictor(layers[-1], num_classes, upsample),
@@ -346,25 +357,16 @@ def keypoint_rcnn(
     keypoint_head_layers: channels of the 3x3 convs (torchvision: 8 x 512). Other options as
     `mask_rcnn`. Horizontal flips (with left/right swaps) belong to the data transforms.
     """
+    settings = dict(locals())  # the RPN / box options are passed on as they are (RPN_BOX_OPTIONS)
     _check_positive(num_classes=num_classes, box_detections_per_img=box_detections_per_img)
     schema = _resolve_schema(num_keypoints, schema)
     body, kwargs = _common(num_classes, backbone, weights, trainable_layers, in_channels,
                            anchor_sizes, aspect_ratios, image_mean, image_std, fpn_channels)
-    layers = tuple(int(c) for c in keypoint_head_layers)
-    if not layers or any(c < 1 for c in layers):
-        raise UserError(f"keypoint_head_layers must be positive channel counts, got "
-                        f"{list(keypoint_head_layers)}")
+    layers = _head_layers("keypoint_head_layers", keypoint_head_layers)
     return KeypointRCNN(
         body, None,
         min_size=min_size, max_size=max_size, fast=fast, schema=schema,
-        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
-        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
-        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
-        rpn_nms_thresh=rpn_nms_thresh, rpn_batch_size_per_image=rpn_batch_size_per_image,
-        box_score_thresh=box_score_thresh, box_nms_thresh=box_nms_thresh,
-        box_detections_per_img=box_detections_per_img,
-        box_batch_size_per_image=box_batch_size_per_image,
+        **_pick(settings, RPN_BOX_OPTIONS),
         keypoint_roi_pool=MultiScaleRoIAlign(body.featmap_names, output_size=14,
                                              sampling_ratio=2),
         keypoint_head=KeypointRCNNHeads(body.out_channels, layers),

@@ -36,6 +36,7 @@ from torch import nn
 from pixelwise.data.images import image_to_float
 from pixelwise.errors import UserError
 from pixelwise.predict.semantic import OVERLAY_DIR, adapt_channels, describe_size, resolve_size
+from pixelwise.predict.dataset_ids import dataset_image_ids
 from pixelwise.predict.tiling import model_device
 from pixelwise.tasks.instance import detections_to_cpu, rescale_detections, to_coco_results
 
@@ -196,37 +197,8 @@ class InstancePredictor:
     def _dataset_ids(self) -> tuple[list[int] | None, str]:
         """The image ids of the written images from their dataset json, when all of them are
         listed in one (see the module docstring); else (None, "sequential")."""
-        from pixelwise.data.coco import load_coco_json
-
         kind = _ANNOTATION_KIND.get(self.task_name, "instances")
-        found: Path | None = None
-        by_name: dict[str, int] = {}
-        ids = []
-        for record in self._records:
-            path = record["path"].resolve()
-            split_dir = path.parent
-            while split_dir.parent.name != "images" and split_dir.parent != split_dir:
-                split_dir = split_dir.parent
-            if split_dir.parent.name != "images":
-                return None, "sequential"
-            json_path = split_dir.parent.parent / "annotations" / f"{kind}_{split_dir.name}.json"
-            if found is None:
-                if not json_path.is_file():
-                    return None, "sequential"
-                try:
-                    data = load_coco_json(json_path, kind=kind)
-                except UserError as exc:
-                    logger.warning("image ids: %s; numbering the images instead", exc)
-                    return None, "sequential"
-                found = json_path
-                by_name = {str(im["file_name"]): int(im["id"]) for im in data["images"]}
-            elif json_path != found:
-                return None, "sequential"
-            image_id = by_name.get(path.relative_to(split_dir).as_posix())
-            if image_id is None:
-                return None, "sequential"
-            ids.append(image_id)
-        if found is None:
-            return None, "sequential"
-        logger.info("image ids from %s", found)
-        return ids, str(found)
+        ids, source = dataset_image_ids([record["path"] for record in self._records], kind)
+        if ids is not None:
+            logger.info("image ids from %s", source)
+        return ids, source
