@@ -423,6 +423,31 @@ def test_scene_options_parse_and_validate() -> None:
             SceneConfig.parse(bad)
 
 
+def test_thing_colour_category_paints_things_in_their_palette_colour() -> None:
+    """thing_colour=category: each shape's median colour lies near its category's palette colour
+    (jitter and patterns aside) and is nearer to it than to the other categories'; "random"
+    draws hues that do not follow the class. An unknown value is refused."""
+    shapes_ = {c.name: np.asarray(c.color) / 255 for c in SCENE_CATEGORIES["shapes"]
+               if c.name in ("ellipse", "rectangle", "triangle")}
+    quiet = dict(empty_fraction=0.0, person_fraction=0.0, crowd_fraction=0.0,
+                 thing_size=(0.3, 0.4), noise=(0.0, 0.0), blur=(0.0, 0.0))
+    nearest = {"category": [], "random": []}
+    for mode in nearest:
+        config = SceneConfig(thing_colour=mode, **quiet)
+        for index in range(12):
+            scene = scene_for(SEED, index, (64, 64), config=config)
+            for k, obj in enumerate(scene.objects, start=1):
+                colour = np.median(scene.image[scene.instances == k], axis=0)  # (3,)
+                distance = {name: float(np.abs(colour - c).max()) for name, c in shapes_.items()}
+                nearest[mode].append(min(distance, key=distance.get) == obj.category)
+                if mode == "category":
+                    assert distance[obj.category] < 0.3, (index, obj.category, colour)
+    assert len(nearest["category"]) >= 20 and all(nearest["category"])
+    assert sum(nearest["random"]) < 0.7 * len(nearest["random"])
+    with pytest.raises(UserError, match="valid names: category, random"):
+        SceneConfig.parse(["thing_colour=pastel"])
+
+
 def test_overwrite_replaces_only_the_layout(tmp_path: Path) -> None:
     root = synthesize("instance", tmp_path / "d", num=6, size=SIZE)
     (root / "notes.txt").write_text("mine")

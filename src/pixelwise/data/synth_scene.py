@@ -56,6 +56,7 @@ SCENE_CATEGORIES: dict[str, tuple[Category, ...]] = {
     ),
 }
 SHAPE_KINDS = ("ellipse", "rectangle", "triangle")
+THING_COLOURS = ("random", "category")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ class SceneConfig:
     noise, blur: ranges of the per-image Gaussian noise std (in [0, 1] units) and blur sigma (px).
     cell_spacing: range of the cell grid spacing in px (cells scenes; ~20 px gives 100+ cells at
         256 x 256).
+    thing_colour: "random" (any hue: only its shape tells a thing's class) or "category" (the
+        category's palette colour, jittered in hue, saturation and value, as real classes have
+        typical colours; person shirts then take the person colour). Shapes scenes only.
     """
 
     max_things: int = 6
@@ -86,8 +90,11 @@ class SceneConfig:
     noise: tuple[float, float] = (0.005, 0.04)
     blur: tuple[float, float] = (0.0, 1.1)
     cell_spacing: tuple[float, float] = (17.0, 21.0)
+    thing_colour: str = "random"
 
     def __post_init__(self) -> None:
+        if self.thing_colour not in THING_COLOURS:
+            raise unknown_name("thing_colour", self.thing_colour, THING_COLOURS)
         for name in ("empty_fraction", "person_fraction", "crowd_fraction", "min_visible_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"scene option {name} must be in [0, 1], got {getattr(self, name)}")
@@ -197,7 +204,7 @@ def _draw_shapes(
             kind = SHAPE_KINDS[rng.integers(len(SHAPE_KINDS))]
             canvas.place(lambda kind=kind: _shape(rng, kind, size, side, config), rng)
     if n_things and rng.random() < config.crowd_fraction:
-        canvas.place(lambda: _crowd(rng, size, side), rng)
+        canvas.place(lambda: _crowd(rng, size, side, config), rng)
 
     image = gaussian_blur(canvas.image, rng.uniform(*config.blur))
     if gray16:
@@ -323,10 +330,23 @@ def _shape(
     else:
         polygon = shapes.triangle(rng, center, s * 1.2)
     mask = shapes.rasterize([polygon], h, w)
-    return _Drawn(SceneObject(kind, [polygon]), mask, [(mask, random_colour(rng))])
+    return _Drawn(SceneObject(kind, [polygon]), mask, [(mask, _thing_colour(rng, kind, config))])
 
 
-def _crowd(rng: np.random.Generator, size: tuple[int, int], side: int) -> _Drawn:
+def _thing_colour(rng: np.random.Generator, category: str, config: SceneConfig) -> np.ndarray:
+    """The colour (3,) of a thing of `category` under `config.thing_colour`."""
+    if config.thing_colour == "random":
+        return random_colour(rng)
+    base = next(c.color for c in SCENE_CATEGORIES["shapes"] if c.name == category)
+    hue, sat, val = colorsys.rgb_to_hsv(*(np.asarray(base) / 255.0))
+    rgb = colorsys.hsv_to_rgb((hue + rng.uniform(-0.03, 0.03)) % 1.0,
+                              float(np.clip(sat * rng.uniform(0.75, 1.1), 0.2, 1.0)),
+                              float(np.clip(val * rng.uniform(0.7, 1.1), 0.2, 1.0)))
+    return np.asarray(rgb, dtype=np.float32)
+
+
+def _crowd(rng: np.random.Generator, size: tuple[int, int], side: int, config: SceneConfig
+           ) -> _Drawn:
     """A cluster of 4-10 tiny ellipses annotated as one iscrowd=1 region."""
     h, w = size
     center = np.array([rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h])
@@ -339,7 +359,8 @@ def _crowd(rng: np.random.Generator, size: tuple[int, int], side: int) -> _Drawn
     ]
     mask = shapes.rasterize(polygons, h, w)
     return _Drawn(
-        SceneObject("ellipse", polygons, iscrowd=True), mask, [(mask, random_colour(rng))]
+        SceneObject("ellipse", polygons, iscrowd=True), mask,
+        [(mask, _thing_colour(rng, "ellipse", config))],
     )
 
 
@@ -353,7 +374,7 @@ def _person(
     figure = shapes.stick_figure(rng, hip, height)
     colours = {
         "trousers": random_colour(rng, value=(0.15, 0.7)),
-        "shirt": random_colour(rng),
+        "shirt": _thing_colour(rng, "person", config),
         "skin": np.asarray(
             colorsys.hsv_to_rgb(
                 rng.uniform(0.03, 0.1), rng.uniform(0.25, 0.6), rng.uniform(0.4, 0.95)
