@@ -67,6 +67,8 @@ TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--loss", "loss", str, "loss terms joined by +: ce, dice, focal (e.g. ce+dice; default ce)"),
     ("--class-weights", "class_weights", _floats, "comma-separated weight per class"),
     ("--size", "size", parse_size, "resize every image to HxW (default: as stored)"),
+    ("--crop", "crop", parse_size, "train on random HxW crops, after --size (semantic; smaller "
+                                   "images padded with ignore; validation on whole images)"),
     ("--clip-grad", "clip_grad", float, "clip the gradient norm to this value"),
     ("--seed", "seed", int, "random seed (default 0)"),
     ("--max-steps", "max_steps", int, "stop after this many steps (the schedule still spans "

@@ -483,7 +483,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     options = {k: v for k, v in (("loss", cfg.loss), ("class_weights", cfg.class_weights))
                if v is not None}
     task = TASKS[cfg.task].from_data(cfg.data, **options)
-    train_set = task.dataset(cfg.data, "train", size=cfg.size, train=True, skip_bad=cfg.skip_bad)
+    crop = {"crop": cfg.crop} if cfg.crop is not None else {}  # semantic only (config checks)
+    train_set = task.dataset(cfg.data, "train", size=cfg.size, train=True, skip_bad=cfg.skip_bad,
+                             **crop)
     if cfg.skip_bad:
         train_set = ReplaceBadSamples(train_set)
     val_set = None
