@@ -95,3 +95,22 @@ def test_config_round_trip_and_checks() -> None:
         TrainConfig(crop=(0, 8))
     with pytest.raises(UserError, match="crop is for the semantic task"):
         TrainConfig(task="panoptic", crop=(8, 8))
+
+
+def test_padding_takes_the_dataset_ignore_index(tmp_path: Path) -> None:
+    """A dataset whose ignore label is 254 gets 254 in the padding, not 255."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "set"
+    for sub in ("images/train", "masks/train"):
+        (root / sub).mkdir(parents=True)
+    labels = np.arange(48, dtype=np.uint8).reshape(6, 8) % 3  # (H, W) classes 0..2
+    Image.fromarray(np.full((6, 8, 3), 90, np.uint8)).save(root / "images/train/a.png")
+    Image.fromarray(labels).save(root / "masks/train/a.png")
+    (root / "classes.json").write_text(json.dumps({"classes": ["a", "b", "c"],
+                                                   "ignore_index": 254}))
+    task = SemanticTask.from_data(root)
+    _, mask = task.dataset(root, "train", train=True, crop=(10, 8))[0]
+    assert mask.shape == (10, 8)
+    assert int((mask == 254).sum()) == 4 * 8 and int((mask == 255).sum()) == 0

@@ -144,7 +144,8 @@ class SemanticTask:
             steps.append(v2.RandomCrop(list(crop), pad_if_needed=True))
         if train:
             steps.append(HorizontalFlip(0.5))
-        transforms = JointTransform(steps) if steps else None
+        ignore = {} if self.ignore_index is None else {"ignore_index": self.ignore_index}
+        transforms = JointTransform(steps, **ignore) if steps else None
         return SemanticDataset(root, split, transforms=transforms, skip_bad=skip_bad)
 
     collate = staticmethod(collate)
