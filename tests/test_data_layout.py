@@ -190,6 +190,9 @@ def test_read_classes(tmp_path: Path) -> None:
     assert classes.names == ("bg", "cat") and classes.ignore_index == 255
     path.write_text(json.dumps({"classes": ["bg", "cat"]}))
     assert read_classes(path).ignore_index == 255  # the default
+    assert read_classes(path).colors is None
+    path.write_text(json.dumps({"classes": ["bg", "cat"], "colors": [[0, 0, 0], [255, 9, 1]]}))
+    assert read_classes(path).colors == ((0, 0, 0), (255, 9, 1))
 
 
 BAD_CLASSES = {
@@ -200,6 +203,10 @@ BAD_CLASSES = {
     "duplicates": ('{"classes": ["a", "a"]}', "duplicate class names"),
     "ignore_is_a_class": ('{"classes": ["a", "b"], "ignore_index": 1}', "also a class index"),
     "ignore_not_int": ('{"classes": ["a"], "ignore_index": "255"}', "must be an integer"),
+    "colors_count": ('{"classes": ["a", "b"], "colors": [[1, 2, 3]]}', "colors must be one"),
+    "colors_range": ('{"classes": ["a"], "colors": [[1, 2, 256]]}', "colors must be one"),
+    "colors_shape": ('{"classes": ["a"], "colors": [[1, 2]]}', "colors must be one"),
+    "colors_type": ('{"classes": ["a"], "colors": [[1, 2, true]]}', "colors must be one"),
 }
 
 

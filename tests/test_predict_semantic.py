@@ -304,3 +304,27 @@ def test_running_out_of_memory_fails_that_image_only(tmp_path: Path) -> None:
                             on_error=lambda path, message: errors.append(message))
     assert summary["count"] == 1 and (tmp_path / "out" / "small.png").exists()
     assert len(errors) == 1 and "wide.png" in errors[0] and "--tile" in errors[0]
+
+
+def test_labels_and_overlays_use_the_dataset_colours(rgb: tuple[Path, Path], tmp_path: Path
+                                                    ) -> None:
+    """classes.json "colors" (the synthetic writer puts the masks' palette there) travel with
+    the checkpoint into the label PNG palette and the overlay legend; without them, the default
+    palette."""
+    from pixelwise.engine.checkpoint import load_model
+    from pixelwise.predict import SemanticPredictor
+    from pixelwise.viz import make_palette
+
+    data, run = rgb
+    colors = json.loads((data / "classes.json").read_text())["colors"]
+    mask = next((data / "masks").glob("*/*.png"))
+    k = len(colors)
+    assert np.asarray(Image.open(mask).getpalette()[:3 * k]).reshape(k, 3).tolist() == colors
+    model, meta = load_model(run)
+    assert meta["task"]["class_colors"] == colors
+    assert SemanticPredictor(model, meta).palette.tolist() == colors
+    assert main(["predict", str(run), str(_images(data)[0]), "--out", str(tmp_path / "p")]) == 0
+    label = next((tmp_path / "p").glob("*.png"))
+    assert np.asarray(Image.open(label).getpalette()[:3 * k]).reshape(k, 3).tolist() == colors
+    plain = dict(meta, task={key: v for key, v in meta["task"].items() if key != "class_colors"})
+    assert (SemanticPredictor(model, plain).palette == make_palette(k)).all()

@@ -160,6 +160,7 @@ def test_layout(sets: dict[str, Path], task: str) -> None:
         assert classes == {
             "classes": [c.name for c in SCENE_CATEGORIES["shapes"]],
             "ignore_index": 255,
+            "colors": [list(c.color) for c in SCENE_CATEGORIES["shapes"]],
         }
 
 

@@ -95,10 +95,12 @@ def _worker_message(text: str, kind: type) -> str:
 
 @dataclass(frozen=True)
 class Classes:
-    """Semantic class names (index = label value) and the label value that means "ignore"."""
+    """Semantic class names (index = label value), the label value that means "ignore", and
+    optionally one display colour (r, g, b) per class (overlays and figures use it)."""
 
     names: tuple[str, ...]
     ignore_index: int = DEFAULT_IGNORE_INDEX
+    colors: tuple[tuple[int, int, int], ...] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -187,7 +189,8 @@ def safe_join(root: str | Path, relative: str | os.PathLike) -> Path:
 
 
 def read_classes(path: str | Path) -> Classes:
-    """Read and validate a classes.json: ``{"classes": [names...], "ignore_index": 255}``."""
+    """Read and validate a classes.json: ``{"classes": [names...], "ignore_index": 255}``, with
+    an optional ``"colors": [[r, g, b], ...]`` (0-255, one per class) for display."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -208,7 +211,16 @@ def read_classes(path: str | Path) -> Classes:
     if 0 <= ignore < len(names):
         raise BadFileError(path, f"ignore_index {ignore} is also a class index "
                                  f"({names[ignore]!r}); use a value >= {len(names)}, such as 255")
-    return Classes(tuple(names), ignore)
+    colors = data.get("colors")
+    if colors is not None:
+        if not (isinstance(colors, list) and len(colors) == len(names) and all(
+                isinstance(c, list) and len(c) == 3 and all(
+                    isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c)
+                for c in colors)):
+            raise BadFileError(path, f"colors must be one [r, g, b] (integers 0-255) for each "
+                                     f"of the {len(names)} classes")
+        colors = tuple(tuple(c) for c in colors)
+    return Classes(tuple(names), ignore, colors)
 
 
 def detect_layout(root: str | Path) -> DatasetLayout:

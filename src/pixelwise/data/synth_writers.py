@@ -184,7 +184,8 @@ class SemanticWriter(_Writer):
         save_label_png(folder / f"{name}.png", scene.semantic, self.categories)
 
     def finish(self) -> dict[str, dict[str, int]]:
-        classes = {"classes": [c.name for c in self.categories], "ignore_index": IGNORE}
+        classes = {"classes": [c.name for c in self.categories], "ignore_index": IGNORE,
+                   "colors": [list(c.color) for c in self.categories]}  # the masks' palette
         write_json(self.root / "classes.json", classes)
         return {split: {"images": len(self.images[split])} for split in sorted(self.images)}
 

@@ -68,13 +68,14 @@ QUICK: dict[str, Any] = {**SETTINGS, "size": 32, "num": 10,
 ENTRIES = ("data", "run", "predictions", "examples.png", "metrics.json", MARKER)
 
 
-def _examples_png(path: Path, examples: list, class_names: list[str], title: str) -> None:
+def _examples_png(path: Path, examples: list, class_names: list[str], title: str,
+                  class_colors: list | None = None) -> None:
     from pixelwise.experiments.report import draw_examples, figure_png, pyplot
 
     plt = pyplot()
     fig = plt.figure(figsize=(7.5, 2.3 * max(len(examples), 1) + 0.9))
     grid = fig.add_gridspec(1, 1, left=0.02, right=0.98, top=0.9, bottom=0.1)
-    draw_examples(fig, grid[0], {"prediction": examples}, class_names)
+    draw_examples(fig, grid[0], {"prediction": examples}, class_names, class_colors=class_colors)
     fig.suptitle(title, fontsize=10)
     png = figure_png(fig)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -133,7 +134,8 @@ def run(out: Path, *, model: str | None = None, quick: bool = False) -> dict[str
                         f"{predicted['failed'][0]['error']}")
     class_names = list(meta["task"]["class_names"])
     _examples_png(out / "examples.png", result.examples, class_names,
-                  f"{name} after {trained.steps} steps: val mIoU {metrics['miou']:.3f}")
+                  f"{name} after {trained.steps} steps: val mIoU {metrics['miou']:.3f}",
+                  meta["task"].get("class_colors"))
     summary = {
         "task": "semantic",
         "model": name,

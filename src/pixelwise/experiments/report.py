@@ -144,15 +144,17 @@ def pyplot() -> Any:
 
 
 def draw_examples(fig: Any, slot: Any, examples: dict[str, list[dict[str, np.ndarray]]],
-                  class_names: Sequence[str], *, captions: dict[str, str] | None = None) -> None:
+                  class_names: Sequence[str], *, captions: dict[str, str] | None = None,
+                  class_colors: Sequence[Sequence[int]] | None = None) -> None:
     """A grid in `slot` (a gridspec cell): one row per example image, columns image, ground
     truth, then each variant's prediction (`examples[variant][row]["pred"]`), with a class
-    legend below. Every variant must hold the same example images."""
+    legend below (`class_colors`: the dataset's, else the default palette). Every variant must
+    hold the same example images."""
     from matplotlib.patches import Patch
 
-    from pixelwise.viz import IGNORE_COLOR, colorize_labels, make_palette
+    from pixelwise.viz import IGNORE_COLOR, class_palette, colorize_labels
 
-    palette = make_palette(len(class_names))
+    palette = class_palette(len(class_names), class_colors)
     variants = list(examples)
     rows = len(examples[variants[0]]) if variants else 0
     if rows == 0:

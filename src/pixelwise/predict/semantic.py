@@ -137,9 +137,10 @@ class SemanticPredictor:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
         self.pad_mode = pad_mode
-        from pixelwise.viz import make_palette
+        from pixelwise.viz import class_palette
 
-        self.palette = make_palette(self.num_classes)  # (K, 3) uint8
+        # (K, 3) uint8: the dataset's colours (classes.json) when the checkpoint has them
+        self.palette = class_palette(self.num_classes, task.get("class_colors"))
         self.device = model_device(model)
 
     @property

@@ -65,6 +65,8 @@ class SemanticTask:
         ignore_index: target value of unlabelled pixels (not counted in loss or metrics).
         loss: loss terms joined by `+`, names from `pixelwise.tasks.losses.LOSSES`.
         class_weights: K weights for every loss term.
+        class_colors: K display colours (r, g, b) from the dataset's classes.json, or None (the
+            default palette, `pixelwise.viz.make_palette`).
     """
 
     name = "semantic"
@@ -78,6 +80,7 @@ class SemanticTask:
         ignore_index: int | None = 255,
         loss: str = "ce",
         class_weights: Sequence[float] | None = None,
+        class_colors: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if num_classes < 1:
             raise UserError(f"num_classes must be >= 1, got {num_classes}")
@@ -86,6 +89,11 @@ class SemanticTask:
         self.ignore_index = ignore_index
         self.loss_spec = loss
         self.class_weights = list(class_weights) if class_weights is not None else None
+        self.class_colors = ([[int(v) for v in c] for c in class_colors]
+                             if class_colors is not None else None)
+        if self.class_colors is not None and len(self.class_colors) != self.num_classes:
+            raise UserError(f"{len(self.class_colors)} class colours for {self.num_classes} "
+                            "classes")
         self.losses = make_losses(loss, ignore_index=ignore_index, class_weights=class_weights,
                                   num_classes=self.num_classes)
 
@@ -99,7 +107,7 @@ class SemanticTask:
         if classes is None:
             raise UserError(f"{root}: no classes.json (needed for semantic segmentation)")
         return cls(classes.num_classes, class_names=list(classes.names),
-                   ignore_index=classes.ignore_index, **options)
+                   ignore_index=classes.ignore_index, class_colors=classes.colors, **options)
 
     def config(self) -> dict[str, Any]:
         """JSON settings; `SemanticTask(**config minus "name")` rebuilds the task."""
@@ -110,6 +118,7 @@ class SemanticTask:
             "ignore_index": self.ignore_index,
             "loss": self.loss_spec,
             "class_weights": self.class_weights,
+            "class_colors": self.class_colors,
         }
 
     def check_data(self, root: str | Path) -> None:

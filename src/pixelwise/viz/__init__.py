@@ -16,6 +16,7 @@ from pixelwise.viz.overlay import (
 )
 from pixelwise.viz.palette import (
     IGNORE_COLOR,
+    class_palette,
     colorize_labels,
     instance_colors,
     make_palette,
@@ -29,6 +30,7 @@ __all__ = [
     "DrawSizes",
     "blend",
     "category_colors",
+    "class_palette",
     "colorize_labels",
     "draw_tags",
     "instance_colors",

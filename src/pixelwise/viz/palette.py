@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,17 @@ def make_palette(n: int) -> np.ndarray:
         raise UserError(f"at most {most} distinct class colours, asked for {n}")
     voc = voc_palette(min(n, VOC_CLASSES))
     return np.concatenate([voc, _extension_colors(max(0, n - VOC_CLASSES))]).astype(np.uint8)
+
+
+def class_palette(n: int, colors: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """(n, 3) uint8: the dataset's own class `colors` (classes.json "colors") when given, else
+    `make_palette(n)`."""
+    if colors is None:
+        return make_palette(n)
+    palette = np.asarray(colors, dtype=np.int64)
+    if palette.shape != (n, 3) or palette.min() < 0 or palette.max() > 255:
+        raise UserError(f"expected {n} class colours (r, g, b) in 0..255, got {palette.shape}")
+    return palette.astype(np.uint8)
 
 
 def instance_colors(n: int) -> np.ndarray:
