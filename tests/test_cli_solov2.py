@@ -51,6 +51,9 @@ def test_train_resume_eval_predict(data: Path, tmp_path: Path,
     assert {"bbox", "segm"} <= set(metrics) and "AP50" in metrics["segm"]
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["segm"]["AP"] == pytest.approx(record["val"]["segm"]["AP"], abs=1e-12)
+    assert main(["eval", str(run), "--data", str(data), "--checkpoint", "last", "--json",
+                 "--max-dets", "150"]) == 0  # more detections scored per image: AR100 -> AR150
+    assert "AR150" in json.loads(capsys.readouterr().out)["segm"]
 
     out = tmp_path / "pred"
     assert main(["predict", str(run), str(data / "images" / "val"), "--out", str(out),

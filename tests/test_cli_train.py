@@ -73,6 +73,9 @@ def test_train_writes_a_run_that_eval_rebuilds_from_the_checkpoint(
     assert metrics["miou"] == pytest.approx(record["val"]["miou"], abs=1e-9)
     assert main(["eval", str(trained)]) == 0  # --data defaults to the run's data
     assert "pixel_accuracy" in capsys.readouterr().out
+    assert main(["eval", str(trained), "--max-dets", "300"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max-dets applies to the instance and keypoints tasks" in err[0]
 
 
 def test_resume_continues_and_refuses_other_settings(

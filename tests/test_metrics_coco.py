@@ -293,3 +293,47 @@ def test_streaming_equals_one_call(iou_type):
     assert full.compute() == expected
     with pytest.raises(UserError, match=r"images \[10\] were already evaluated"):
         full.update(by_image[10])
+
+
+def _crowded(n=150):
+    """One image with n small disjoint squares (a 15 x 10 grid) and perfect detections whose
+    scores fall with the index."""
+    boxes = [[1 + 10 * (i % 15), 1 + 12 * (i // 15), 8, 8] for i in range(n)]
+    gt = {"images": [{"id": 1, "width": W, "height": H, "file_name": "1.png"}],
+          "categories": [CATEGORIES[0]],
+          "annotations": [{"id": i + 1, "image_id": 1, "category_id": 3, "bbox": b, "area": 64,
+                           "iscrowd": 0, "segmentation": _rle(_box_mask(b))}
+                          for i, b in enumerate(boxes)]}
+    results = [{"image_id": 1, "category_id": 3, "score": 1.0 - i / (2 * n), "bbox": b,
+                "segmentation": _rle(_box_mask(b))} for i, b in enumerate(boxes)]
+    return gt, results
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_max_dets_lifts_the_recall_cap_of_crowded_images(iou_type):
+    """150 objects found perfectly: pycocotools' default 100 detections cap recall at 2/3 (AP50
+    = 67/101 recall points); max_dets=150 scores every one. Both equal pycocotools itself with
+    params.maxDets set by hand."""
+    gt, results = _crowded()
+    capped = coco_evaluate(gt, results, iou_type)
+    assert capped["AP50"] == pytest.approx(67 / 101, abs=1e-12)
+    assert capped["AR100"] == pytest.approx(100 / 150)
+    full = coco_evaluate(gt, results, iou_type, max_dets=150)
+    assert full["AP50"] == pytest.approx(1.0, abs=1e-12) and full["AR150"] == 1.0
+    assert list(full) == [("AR150" if k == "AR100" else k) for k in COCO_STAT_NAMES[iou_type]]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(gt)
+        coco_gt.createIndex()
+        ev = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), iou_type)
+        ev.params.maxDets = [1, 10, 150]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert list(full.values()) == ev.stats.tolist()
+    streamed = CocoEvaluator(gt, iou_type, max_dets=150)
+    streamed.update(results, [1])
+    assert streamed.compute() == full
+    for bad in (0, 2.5, True):
+        with pytest.raises(UserError, match="max detections per image"):
+            coco_evaluate(gt, results, iou_type, max_dets=bad)

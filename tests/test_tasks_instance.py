@@ -346,3 +346,16 @@ def test_torchrun_trains_mask_rcnn(tmp_path: Path) -> None:
     assert summary["steps"] == 1 and summary["images"] == 2
     assert set(summary["val"]) == {"bbox", "segm", "segm_AP"}
     assert (out / "last.safetensors").is_file()
+
+
+def test_evaluation_scores_as_many_detections_as_the_model_keeps() -> None:
+    """COCO's 100 unless the model keeps more per image (crowded scenes: cells)."""
+    from pixelwise.models import build_model
+    from pixelwise.tasks.instance import evaluation_max_dets
+
+    small = {"backbone": "resnet18", "fpn_channels": 16}
+    assert evaluation_max_dets(build_model("mask_rcnn", num_classes=2, **small)) is None
+    crowded = build_model("mask_rcnn", num_classes=2, box_detections_per_img=300, **small)
+    assert evaluation_max_dets(crowded) == 300
+    assert evaluation_max_dets(build_model("solov2", num_classes=2, max_detections=250,
+                                           **small)) == 250

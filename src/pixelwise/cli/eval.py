@@ -7,6 +7,7 @@ module level.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--max-dets", type=int, default=None, metavar="N",
+                        help="instance/keypoints: detections scored per image (default: the "
+                        "model's own limit when over COCO's 100, else 100; keypoints 20)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="log and leave out bad samples (those `pixelwise data check` "
                         "reports) instead of stopping at the first")
@@ -41,9 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which: str = "best",
                  batch_size: int = 8, workers: int = 0, device: str = "auto",
-                 skip_bad: bool = False) -> dict[str, Any]:
+                 skip_bad: bool = False, max_dets: int | None = None) -> dict[str, Any]:
     """The task's metrics of `run_dir`'s checkpoint on `split` of `data` (`skip_bad`: bad
-    samples are logged and left out of the metrics)."""
+    samples are logged and left out of the metrics; `max_dets`: COCO detections scored per
+    image, instance and keypoints tasks)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -63,6 +68,12 @@ def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which:
             raise UserError(f"{path}: no dataset recorded; pass --data DIR")
         data = Path(train_cfg["data"])
     task = build_task(meta["task"])
+    options = {}
+    if max_dets is not None:
+        if "max_dets" not in inspect.signature(task.evaluate).parameters:
+            raise UserError(f"--max-dets applies to the instance and keypoints tasks, not "
+                            f"{task.name!r}")
+        options["max_dets"] = max_dets
     task.check_data(data)  # e.g. a different number of classes: one line, before any work
     dev = resolve_device(device)
     model, meta = load_model(path, device=dev)
@@ -76,7 +87,7 @@ def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which:
                 meta["model"]["name"], meta.get("progress", {}).get("step"), data, split,
                 len(dataset))
     with torch.inference_mode():
-        return task.evaluate(model, loader, device=dev, amp=dev.type == "cuda")
+        return task.evaluate(model, loader, device=dev, amp=dev.type == "cuda", **options)
 
 
 def _fmt(value: Any) -> str:
@@ -102,7 +113,7 @@ def _print_panoptic(metrics: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run_dir, args.data, split=args.split, which=args.checkpoint,
                            batch_size=args.batch_size, workers=args.workers, device=args.device,
-                           skip_bad=args.skip_bad)
+                           skip_bad=args.skip_bad, max_dets=args.max_dets)
     if args.json:
         emit_json(metrics)
         return 0

@@ -59,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     coco.add_argument("--gt", required=True, type=Path, help="COCO annotation json")
     coco.add_argument("--pred", required=True, type=Path, help="COCO results json (a list)")
     coco.add_argument("--iou-type", required=True, choices=["bbox", "segm", "keypoints"])
+    coco.add_argument("--max-dets", type=int, default=None, metavar="N",
+                      help="detections scored per image (default: pycocotools' 100, keypoints "
+                      "20; raise it for crowded images: AR100 becomes ARN)")
     add_json_flag(coco)
 
     pan = sub.add_parser(
@@ -156,7 +159,7 @@ def run_semantic(args: argparse.Namespace) -> int:
 def run_coco(args: argparse.Namespace) -> int:
     from pixelwise.metrics.coco import coco_evaluate
 
-    stats = coco_evaluate(args.gt, args.pred, args.iou_type)
+    stats = coco_evaluate(args.gt, args.pred, args.iou_type, max_dets=args.max_dets)
     if args.json:
         emit_json(stats)
         return 0

@@ -21,6 +21,7 @@ _LAZY = {
     "coco_evaluate": "pixelwise.metrics.coco",
     "CocoEvaluator": "pixelwise.metrics.coco",
     "COCO_STAT_NAMES": "pixelwise.metrics.coco",
+    "stat_names": "pixelwise.metrics.coco",
     "PanopticQuality": "pixelwise.metrics.panoptic",
     "evaluate_panoptic_files": "pixelwise.metrics.panoptic",
 }

@@ -20,7 +20,9 @@ Evaluation: detections become COCO results with the dataset's category ids (`Cat
 [x1, y1, v1, ...] -- the same dicts `pixelwise predict` writes to ``results.json``. They stream
 batch by batch into `pixelwise.metrics.coco.CocoEvaluator` against the split's own annotation
 json (original coordinates: detections on images resized by ``--size`` are mapped back first),
-and the per-image match tables of all DDP ranks are merged before the AP is computed.
+and the per-image match tables of all DDP ranks are merged before the AP is computed. Boxes and
+masks are scored over up to max(100, the model's detections per image) detections per image
+(`evaluation_max_dets`): COCO's 100 unless the model was set to keep more for crowded images.
 """
 
 from __future__ import annotations
@@ -408,12 +410,19 @@ class InstanceTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable, *, device: torch.device,
-                 amp: bool = False) -> dict[str, Any]:
+                 amp: bool = False, max_dets: int | None = None) -> dict[str, Any]:
         """COCO AP of `model` on `batches` (this rank's share; the per-image match tables of
         all ranks are merged). Returns ``{iou_type: {AP, AP50, ...}}`` for `iou_types` and
-        ``best_metric`` (the headline AP) at the top level."""
+        ``best_metric`` (the headline AP) at the top level. `max_dets`: detections scored per
+        image (None: `evaluation_max_dets(model)`; keypoints keep COCO's 20)."""
         from pixelwise.engine.distributed import all_gather_objects
         from pixelwise.metrics.coco import CocoEvaluator
+
+        limits = {t: (max_dets if max_dets is not None else evaluation_max_dets(model))
+                  if t != "keypoints" else max_dets for t in self.iou_types}
+
+        def evaluators_for(gt: dict[str, Any]) -> dict[str, CocoEvaluator]:
+            return {t: CocoEvaluator(gt, t, max_dets=limits[t]) for t in self.iou_types}
 
         evaluators: dict[str, CocoEvaluator] = {}
         source: str | None = None
@@ -439,7 +448,7 @@ class InstanceTask:
                                         f"{source} and {target['annotation_file']}")
                 if not evaluators:
                     gt = self.ground_truth(source)
-                    evaluators = {t: CocoEvaluator(gt, t) for t in self.iou_types}
+                    evaluators = evaluators_for(gt)
                 for evaluator in evaluators.values():
                     evaluator.update(results, ids)
         finally:
@@ -453,7 +462,7 @@ class InstanceTask:
             raise UserError("no images to evaluate")
         if not evaluators:  # this rank had no images
             gt = self.ground_truth(sources[0])
-            evaluators = {t: CocoEvaluator(gt, t) for t in self.iou_types}
+            evaluators = evaluators_for(gt)
         for rank, shard in enumerate(shards):
             if shard is None or shard[1] is None or rank == _rank():
                 continue
@@ -463,6 +472,16 @@ class InstanceTask:
         head_type = self.best_metric.rsplit("_", 1)[0]
         metrics[self.best_metric] = metrics[head_type]["AP"]
         return metrics
+
+
+def evaluation_max_dets(model: nn.Module) -> int | None:
+    """Detections per image to score for boxes and masks: the model's own limit (R-CNN
+    ``roi_heads.detections_per_img``, SOLOv2 ``max_detections``) when it exceeds COCO's 100,
+    else None (pycocotools' 100)."""
+    inner = getattr(model, "module", model)  # DDP
+    heads = getattr(inner, "roi_heads", None)
+    limit = getattr(heads, "detections_per_img", None) or getattr(inner, "max_detections", None)
+    return int(limit) if limit is not None and int(limit) > 100 else None
 
 
 def _takes_targets(model: nn.Module) -> bool:
