@@ -319,9 +319,10 @@ def test_max_dets_lifts_the_recall_cap_of_crowded_images(iou_type):
     assert capped["AP50"] == pytest.approx(67 / 101, abs=1e-12)
     assert capped["AR100"] == pytest.approx(100 / 150)
     full = coco_evaluate(gt, results, iou_type, max_dets=150)
-    assert full["AP50"] == pytest.approx(1.0, abs=1e-12) and full["AR150"] == 1.0
+    assert full["AP"] == full["AP50"] == full["AP75"] == pytest.approx(1.0, abs=1e-12)
+    assert full["AR150"] == 1.0 and full["AR10"] == pytest.approx(10 / 150)
     assert list(full) == [("AR150" if k == "AR100" else k) for k in COCO_STAT_NAMES[iou_type]]
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools by hand, same limits
         coco_gt = COCO()
         coco_gt.dataset = copy.deepcopy(gt)
         coco_gt.createIndex()
@@ -330,10 +331,40 @@ def test_max_dets_lifts_the_recall_cap_of_crowded_images(iou_type):
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    assert list(full.values()) == ev.stats.tolist()
+    # every stat but AP, which pycocotools' summarize reports as -1 under a limit other than 100
+    assert ev.stats[0] == -1.0 and list(full.values())[1:] == ev.stats.tolist()[1:]
     streamed = CocoEvaluator(gt, iou_type, max_dets=150)
     streamed.update(results, [1])
     assert streamed.compute() == full
     for bad in (0, 2.5, True):
         with pytest.raises(UserError, match="max detections per image"):
             coco_evaluate(gt, results, iou_type, max_dets=bad)
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm", "keypoints"])
+def test_own_limit_stats_equal_pycocotools_summarize_at_its_limits(iou_type):
+    """The stats read from the accumulated tables (used for max_dets) equal pycocotools'
+    summarize() when the limits are its defaults (100 / 20)."""
+    from pixelwise.metrics.coco import _stats_at_own_max_dets
+
+    gt = make_gt(seed=2)
+    if iou_type == "keypoints":
+        gt["categories"] = [c for c in gt["categories"] if c["id"] != 9]
+        gt["annotations"] = [a for a in gt["annotations"] if a["category_id"] != 9]
+    results = make_results(gt, iou_type, seed=3)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(gt)
+        coco_gt.createIndex()
+        ev = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), iou_type)
+        if iou_type == "keypoints":
+            ev.params.catIds = [1]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert _stats_at_own_max_dets(ev, iou_type) == ev.stats.tolist()
+    assert 0.05 < ev.stats[0] < 0.95
+    limit = 20 if iou_type == "keypoints" else 100  # the same limit, given explicitly
+    default = coco_evaluate(gt, results, iou_type)
+    explicit = coco_evaluate(gt, results, iou_type, max_dets=limit)
+    assert list(explicit.values()) == list(default.values())

@@ -24,6 +24,9 @@ Additions around pycocotools, none of which changes its numbers:
   keypoints), which caps recall -- and AP -- on images with more objects (150 cells: AP50 <=
   0.67). ``max_dets=N`` sets pycocotools' own ``params.maxDets`` to ``[1, 10, N]`` (keypoints:
   ``[N]``); the recall stat ``AR100`` is then named ``AR{N}``. Default: pycocotools' values.
+  pycocotools' own ``summarize`` reports -1 for AP under any limit but 100 (keypoints: 20), so
+  the stats are then read from its accumulated tables by `_stats_at_own_max_dets`, the same
+  selection and averaging (tested equal to ``summarize`` at the default limits).
 """
 
 from __future__ import annotations
@@ -275,9 +278,47 @@ class _Setup:
     def summarize(self, ev: Any) -> dict[str, float]:
         with _quiet():
             ev.accumulate()
-            ev.summarize()
+            if self.max_dets is None:
+                ev.summarize()
+                stats = list(ev.stats)
+            else:
+                stats = _stats_at_own_max_dets(ev, self.iou_type)
         names = stat_names(self.iou_type, self.max_dets)
-        return {name: float(v) for name, v in zip(names, ev.stats, strict=True)}
+        return {name: float(v) for name, v in zip(names, stats, strict=True)}
+
+
+def _stats_at_own_max_dets(ev: Any, iou_type: str) -> list[float]:
+    """`COCOeval.summarize()`'s stats from `ev.eval` for any `params.maxDets`.
+
+    Written here because pycocotools' summarize looks the detection limit up by value (100 for
+    boxes and masks, 20 for keypoints) and reports -1 for AP (keypoints: every stat) under any
+    other limit. Same selection and averaging as its `_summarize`: precision (T, R, K, A, M) or
+    recall (T, K, A, M) at an IoU threshold (or all), an area range and a limit, -1 entries left
+    out, -1 when nothing is left.
+    """
+    p = ev.params
+
+    def one(ap: bool, iou: float | None = None, area: str = "all", limit: int = 0) -> float:
+        a = p.areaRngLbl.index(area)
+        m = p.maxDets.index(limit)
+        values = ev.eval["precision"] if ap else ev.eval["recall"]
+        if iou is not None:
+            values = values[np.where(iou == p.iouThrs)[0]]
+        values = values[..., a, m]
+        values = values[values > -1]
+        return float(np.mean(values)) if values.size else -1.0
+
+    if iou_type == "keypoints":
+        top = p.maxDets[-1]
+        return [one(True, limit=top), one(True, 0.5, limit=top), one(True, 0.75, limit=top),
+                one(True, area="medium", limit=top), one(True, area="large", limit=top),
+                one(False, limit=top), one(False, 0.5, limit=top), one(False, 0.75, limit=top),
+                one(False, area="medium", limit=top), one(False, area="large", limit=top)]
+    top = p.maxDets[2]
+    return [one(True, limit=top), one(True, 0.5, limit=top), one(True, 0.75, limit=top),
+            *(one(True, area=a, limit=top) for a in ("small", "medium", "large")),
+            one(False, limit=p.maxDets[0]), one(False, limit=p.maxDets[1]), one(False, limit=top),
+            *(one(False, area=a, limit=top) for a in ("small", "medium", "large"))]
 
 
 def coco_evaluate(
