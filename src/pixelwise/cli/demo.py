@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="synthesise data, train briefly, evaluate and predict (default task: semantic)",
     )
     parser.add_argument("--task", choices=TASKS, default="semantic")
-    parser.add_argument("--model", default=None, help="model to train (the task's default if omitted)")
+    parser.add_argument("--model", default=None,
+                        help="model to train (the task's default if omitted)")
     parser.add_argument(
         "--out", type=Path, default=None,
         help="output folder (default runs/demo for semantic, runs/demo-TASK otherwise)",

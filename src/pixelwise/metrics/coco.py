@@ -60,7 +60,6 @@ COCO_STAT_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
-
 def stat_names(iou_type: str, max_dets: int | None = None) -> tuple[str, ...]:
     """The names of the stats `iou_type` returns under `max_dets` (``AR100`` -> ``AR{N}``)."""
     names = COCO_STAT_NAMES[iou_type]

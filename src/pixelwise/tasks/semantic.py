@@ -89,11 +89,11 @@ class SemanticTask:
         self.ignore_index = ignore_index
         self.loss_spec = loss
         self.class_weights = list(class_weights) if class_weights is not None else None
-        self.class_colors = ([[int(v) for v in c] for c in class_colors]
-                             if class_colors is not None else None)
-        if self.class_colors is not None and len(self.class_colors) != self.num_classes:
-            raise UserError(f"{len(self.class_colors)} class colours for {self.num_classes} "
-                            "classes")
+        self.class_colors = None
+        if class_colors is not None:  # checked (K x (r, g, b) in 0..255) by the palette builder
+            from pixelwise.viz import class_palette
+
+            self.class_colors = class_palette(self.num_classes, class_colors).tolist()
         self.losses = make_losses(loss, ignore_index=ignore_index, class_weights=class_weights,
                                   num_classes=self.num_classes)
 
@@ -143,7 +143,7 @@ class SemanticTask:
         from torchvision.transforms import v2
 
         from pixelwise.data.semantic import SemanticDataset
-        from pixelwise.data.transforms import HorizontalFlip, JointTransform, Resize
+        from pixelwise.data.transforms import IGNORE_INDEX, HorizontalFlip, JointTransform, Resize
 
         steps: list[nn.Module] = []
         if size is not None:
@@ -153,8 +153,8 @@ class SemanticTask:
             steps.append(v2.RandomCrop(list(crop), pad_if_needed=True))
         if train:
             steps.append(HorizontalFlip(0.5))
-        ignore = {} if self.ignore_index is None else {"ignore_index": self.ignore_index}
-        transforms = JointTransform(steps, **ignore) if steps else None
+        ignore = IGNORE_INDEX if self.ignore_index is None else self.ignore_index
+        transforms = JointTransform(steps, ignore_index=ignore) if steps else None
         return SemanticDataset(root, split, transforms=transforms, skip_bad=skip_bad)
 
     collate = staticmethod(collate)

@@ -33,6 +33,7 @@ __all__ = [
     "class_palette",
     "colorize_labels",
     "draw_tags",
+    "enlarge_small",
     "instance_colors",
     "label_boundaries",
     "legend_image",
@@ -46,5 +47,4 @@ __all__ = [
     "to_display_rgb",
     "voc_palette",
     "with_legend",
-    "enlarge_small",
 ]
