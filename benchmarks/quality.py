@@ -122,7 +122,9 @@ def ms_per_image(run: Path, data: Path, task: Any, images: int = 20) -> float:
 
 
 def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
-               seed: int, amp: bool = False) -> dict[str, Any]:
+               seed: int, amp: bool = False, options: dict[str, Any] | None = None,
+               train_options: dict[str, Any] | None = None,
+               tag: str = "") -> dict[str, Any]:
     from pixelwise.cli.eval import evaluate_run
     from pixelwise.engine.config import TrainConfig
     from pixelwise.engine.trainer import train
@@ -130,13 +132,21 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
     from pixelwise.tasks import TASKS
 
     recipe = RECIPES[name]
+    def merged(base: dict[str, Any], over: dict[str, Any] | None) -> dict[str, Any]:
+        return {k: v for k, v in {**base, **(over or {})}.items() if v is not None}
+
+    recipe = Recipe(recipe.task, recipe.model, recipe.minutes, recipe.goals, recipe.synth,
+                    merged(recipe.options, options), merged(recipe.train, train_options))
     budget = 60.0 * (minutes if minutes is not None else recipe.minutes)
     data = _data(recipe, root, size, seed)
     task = TASKS[recipe.task].from_data(data)
     accepted = model_options(recipe.model)
     options = {k: v for k, v in recipe.options.items() if k in accepted}
+    ignored = sorted(set(recipe.options) - set(accepted))
+    if ignored:
+        logging.info("%s: options not taken by %s: %s", name, recipe.model, ", ".join(ignored))
     options.update(task.model_options(recipe.model) if hasattr(task, "model_options") else {})
-    base = TrainConfig(data=str(data), out=str(root / name / "probe"), task=recipe.task,
+    base = TrainConfig(data=str(data), out=str(root / (name + tag) / "probe"), task=recipe.task,
                        model=recipe.model, model_options=options, progress=False, seed=seed,
                        amp=amp, **recipe.train)
     # probe: the step time on this machine
@@ -149,7 +159,7 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
     epochs = max(1, int(0.88 * budget / (step_seconds * steps_per_epoch)))
     logging.info("%s: %.2f s per step, %d steps per epoch -> %d epochs in %.0f s", name,
                  step_seconds, steps_per_epoch, epochs, budget)
-    cfg = base.replace(out=str(root / name / "run"), epochs=epochs,
+    cfg = base.replace(out=str(root / (name + tag) / "run"), epochs=epochs,
                        val_every=max(1, math.ceil(epochs / VALIDATIONS)), progress=True)
     started = time.perf_counter()
     summary = train(cfg, overwrite=True)
@@ -162,7 +172,8 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
             if head in metrics:
                 reached.setdefault(f"{head}.{key}", float(metrics[head][key]))
     return {
-        "recipe": name, "task": recipe.task, "model": recipe.model, "data": str(data),
+        "recipe": name + tag, "overrides": {"options": options or {}, "train": train_options or {}},
+        "task": recipe.task, "model": recipe.model, "data": str(data),
         "threads": torch.get_num_threads(), "amp": "bfloat16" if amp else None,
         "budget_minutes": budget / 60,
         "train_minutes": round(wall / 60, 2), "trainer_minutes": round(summary["seconds"] / 60, 2),
@@ -172,6 +183,21 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
         "ms_per_image": round(ms_per_image(Path(cfg.out), data, task), 1),
         "run": cfg.out,
     }
+
+
+def _overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
+    """KEY=JSON strings -> dict (a bare word that is not JSON is taken as a string; KEY=null
+    removes the recipe's own setting)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            parser.error(f"override {item!r} must look like KEY=VALUE")
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bfloat16 autocast (default: where the CPU has native bf16)")
     parser.add_argument("--json", action="store_true", help="print JSON records")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
+                        help="override a model option of the recipe, e.g. encoder='\"resnet18\"'")
+    parser.add_argument("--train-option", action="append", default=[], metavar="KEY=JSON",
+                        help="override a training setting, e.g. lr=0.001 or crop=[96,96]")
+    parser.add_argument("--tag", default="", help="suffix of the output folder (trials)")
     args = parser.parse_args(argv)
     if args.list or not args.recipes:
         for name, r in RECIPES.items():
@@ -199,12 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     from pixelwise.engine.trainer import native_bf16
 
     amp = native_bf16() if args.amp is None else args.amp
+    options, train_options = _overrides(parser, args.option), _overrides(parser, args.train_option)
     records = []
     for name in args.recipes:
         record = run_recipe(name, root=args.out, minutes=args.minutes, size=args.size,
-                            seed=args.seed, amp=amp)
+                            seed=args.seed, amp=amp, options=options,
+                            train_options=train_options, tag=args.tag)
         records.append(record)
-        (args.out / name / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
+        (args.out / (name + args.tag) / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
     if args.json:
         print(json.dumps(records, indent=2))
         return 0

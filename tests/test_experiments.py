@@ -18,6 +18,7 @@ from pixelwise.experiments import EXPERIMENTS, ExperimentOptions
 from pixelwise.experiments.common import (
     Budget,
     Variant,
+    dataset_classes,
     make_data,
     output_checkerboard,
     train_variant,
@@ -167,6 +168,16 @@ def test_seconds_budget_becomes_steps_within_limits(tmp_path: Path) -> None:
     trained = train_variant(Variant("u", "unet", {"width": 4, "depth": 2}), data, tmp_path / "run",
                             budget=Budget(seconds=1e6), batch_size=4, lr=1e-3, max_steps=2)
     assert trained.steps == 2
+
+
+def test_figures_use_the_data_class_colours(tmp_path: Path) -> None:
+    from pixelwise.data.synth_scene import SCENE_CATEGORIES
+
+    data = make_data(tmp_path / "data", size=16, num=3, seed=0)
+    names, colors = dataset_classes(data)
+    shapes = SCENE_CATEGORIES["shapes"]
+    assert names == [c.name for c in shapes]
+    assert colors == [list(c.color) for c in shapes]  # the synthetic writer's palette
 
 
 def test_output_checkerboard_of_known_maps() -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pixelwise.atomic import atomic_path
 from pixelwise.errors import UserError, unknown_name
 
 logger = logging.getLogger(__name__)
@@ -160,9 +161,7 @@ def export_model(
     inputs = [torch.rand(n, in_channels, h, w, generator=gen)
               for n, h, w in check_sizes(size, output_stride(model))]
     write, load = FORMATS[format]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
-    try:
+    with atomic_path(out, suffix=out.suffix) as tmp:  # the exporters go by the suffix
         try:
             with _quiet():
                 write(wrapped, inputs[0], tmp, size, opset)
@@ -191,9 +190,6 @@ def export_model(
         if not np.isfinite(diff) or diff > tolerance:
             raise UserError(f"the exported {format} model differs from eager by {diff:.3g} "
                             f"(> tolerance {tolerance:g}); nothing written")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     k = int(getattr(model, "num_classes", expected.shape[1]))
     dims: list[Any] = ["batch", in_channels, *(size if size is not None else ("height", "width"))]
     logger.info("exported %s to %s (%s); max abs diff vs eager %.3g", type(model).__name__, out,

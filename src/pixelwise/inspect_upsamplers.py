@@ -25,14 +25,13 @@ import copy
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pixelwise.atomic import write_bytes
 from pixelwise.upsample import MaxPoolWithIndices, make_upsampler
 
 logger = logging.getLogger(__name__)
@@ -297,17 +296,6 @@ def _figure_png(rows: list[dict], maps: dict[str, dict], per_line: int = 6) -> b
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, then os.replace: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def write_report(
     out: Path, *, timing_shape: tuple[int, int, int, int] | None = None, repeats: int = 5
@@ -324,6 +312,6 @@ def write_report(
     }
     out.mkdir(parents=True, exist_ok=True)
     for filename, data in files.items():
-        _write_atomic(out / filename, data)
+        write_bytes(out / filename, data)
     logger.debug("wrote %s", ", ".join(str(out / f) for f in files))
     return rows

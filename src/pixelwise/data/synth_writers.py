@@ -6,16 +6,13 @@ are written last (`finish`), atomically, so an interrupted run never leaves a ha
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image
 
+from pixelwise.atomic import write_json
 from pixelwise.data.check import polygon_problem
 from pixelwise.data.synth_scene import IGNORE, Category, Scene, SceneObject
 from pixelwise.data.synth_shapes import COCO_KEYPOINT_NAMES, COCO_SKELETON
@@ -24,18 +21,6 @@ IGNORE_COLOUR = (224, 224, 192)  # PASCAL VOC's colour for its 255 "boundary" la
 
 # ------------------------------------------------------------------------- files
 
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write `obj` as JSON via a temporary file in the same directory and `os.replace`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_image(path: Path, image: np.ndarray, *, gray16: bool) -> None:
@@ -186,7 +171,7 @@ class SemanticWriter(_Writer):
     def finish(self) -> dict[str, dict[str, int]]:
         classes = {"classes": [c.name for c in self.categories], "ignore_index": IGNORE,
                    "colors": [list(c.color) for c in self.categories]}  # the masks' palette
-        write_json(self.root / "classes.json", classes)
+        write_json(self.root / "classes.json", classes, indent=None)
         return {split: {"images": len(self.images[split])} for split in sorted(self.images)}
 
 
@@ -230,7 +215,7 @@ class InstanceWriter(_Writer):
     def finish(self) -> dict[str, dict[str, int]]:
         for split in self.images:
             path = self.root / "annotations" / f"{self.json_name}_{split}.json"
-            write_json(path, self._coco(split, self._categories()))
+            write_json(path, self._coco(split, self._categories()), indent=None)
         return self._counts()
 
 
@@ -310,7 +295,7 @@ class PanopticWriter(_Writer):
         ]
         for split in self.images:
             path = self.root / "annotations" / f"panoptic_{split}.json"
-            write_json(path, self._coco(split, categories))
+            write_json(path, self._coco(split, categories), indent=None)
         counts = self._counts()
         for split, anns in self.annotations.items():
             counts[split]["segments"] = sum(len(a["segments_info"]) for a in anns)

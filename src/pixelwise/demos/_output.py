@@ -3,14 +3,13 @@ JSON files written atomically."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pixelwise import atomic
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -38,10 +37,8 @@ def prepare_out(out: Path, entries: Sequence[str]) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """`obj` as indented JSON at `path`, through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    """`obj` as indented strict JSON (no NaN) at `path`, atomically."""
+    atomic.write_json(path, obj, allow_nan=False)
 
 
 def run_paths(out: Path, data: Path) -> dict[str, str]:

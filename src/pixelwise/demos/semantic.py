@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from pixelwise.atomic import write_bytes
 from pixelwise.data.synth_scene import SceneConfig
 from pixelwise.demos._output import MARKER, prepare_out, run_paths, write_json
 from pixelwise.errors import UserError
@@ -77,10 +77,7 @@ def _examples_png(path: Path, examples: list, class_names: list[str], title: str
     grid = fig.add_gridspec(1, 1, left=0.02, right=0.98, top=0.9, bottom=0.1)
     draw_examples(fig, grid[0], {"prediction": examples}, class_names, class_colors=class_colors)
     fig.suptitle(title, fontsize=10)
-    png = figure_png(fig)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(png)
-    os.replace(tmp, path)
+    write_bytes(path, figure_png(fig))
 
 
 def run(out: Path, *, model: str | None = None, quick: bool = False) -> dict[str, Any]:

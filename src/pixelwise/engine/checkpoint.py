@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pixelwise.atomic import atomic_path
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -99,12 +100,6 @@ def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], meta: dict[str, Any]) -> Path:
     """Write `state` (a tree with tensors) and `meta` (JSON) to `path` atomically.
 
@@ -119,16 +114,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], meta: dict[s
         "pixelwise": json.dumps({"format": FORMAT_VERSION, **meta}),
         "state": json.dumps(tree),
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path, fsync=True) as tmp:
         save_file(_storable(tensors), str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # the writer creates it private; use the usual mode
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

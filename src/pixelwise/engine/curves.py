@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pixelwise.atomic import atomic_path
+
 # nested metric groups that are tables, not curves
 _SKIP = {"per_class", "per_category", "per_class_pq"}
 
@@ -105,12 +107,9 @@ def plot_curves(records: list[dict[str, Any]], out: str | os.PathLike, title: st
         fig.suptitle(title)
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.27, top=0.86 if title else 0.91,
                         wspace=0.25)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return out

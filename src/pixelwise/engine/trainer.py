@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
+from pixelwise.atomic import write_json, write_text
 from pixelwise.engine import distributed
 from pixelwise.engine.checkpoint import load_checkpoint, save_checkpoint
 from pixelwise.engine.config import TrainConfig
@@ -109,12 +110,6 @@ def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
                         "run files or --resume to continue the run")
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _kept(out: Path) -> str:
     last = out / "last.safetensors"
     return f"last good checkpoint: {last}" if last.is_file() else "no checkpoint written yet"
@@ -184,7 +179,7 @@ class Trainer:
             if overwrite and not resume:
                 for name in RUN_FILES:
                     (out / name).unlink(missing_ok=True)
-            _write_json_atomic(out / "config.json", self._describe())
+            write_json(out / "config.json", self._describe())
         distributed.barrier()
 
         if not resume:
@@ -417,9 +412,7 @@ class Trainer:
         if not path.is_file():
             return
         records = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, path)
+        write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
     def _summary(self, state: TrainState, val: dict[str, Any] | None, out: Path) -> dict[str, Any]:
         return {

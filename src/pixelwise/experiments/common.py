@@ -48,6 +48,13 @@ def make_data(root: Path, *, size: int, num: int, seed: int,
     return root
 
 
+def dataset_classes(root: Path) -> tuple[list[str], list[list[int]] | None]:
+    """Class names and display colours (None: the default palette) of the semantic set at
+    `root`, from its classes.json."""
+    task = SemanticTask.from_data(root)
+    return list(task.class_names), task.class_colors
+
+
 @dataclass(frozen=True)
 class Budget:
     """A training budget per model: `steps`, or `seconds` of training (turned into steps from a

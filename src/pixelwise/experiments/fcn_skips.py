@@ -20,6 +20,7 @@ from pixelwise.experiments import ExperimentOptions
 from pixelwise.experiments.common import (
     SMALL_SCENE,
     Variant,
+    dataset_classes,
     make_data,
     resolve_budget,
     score_variant,
@@ -97,13 +98,13 @@ def run(out: Path, options: ExperimentOptions) -> dict[str, Any]:
     examples: dict[str, list] = {}
     with tempfile.TemporaryDirectory(prefix="pixelwise-fcn-skips-") as work:
         data = make_data(Path(work) / "data", size=size, num=num, seed=options.seed)
+        class_names, class_colors = dataset_classes(data)
         for name, variant in variants(base["width"], base["depth"]).items():
             row, examples[name], _ = score_variant(
                 variant, data, Path(work), size=size, budget=budget,
                 batch_size=base["batch_size"], lr=base["lr"], loss=LOSS, seed=options.seed,
                 keep=EXAMPLES, timing_s=0.01 if options.quick else 0.3)
             rows.append(row)
-    class_names = list(rows[0]["per_class_iou"])
     settings = setting_dict(size=size, num=num, seed=options.seed, budget=budget,
                             batch_size=base["batch_size"], lr=base["lr"], loss=LOSS,
                             scene=SMALL_SCENE, encoder="plain", width=base["width"],
@@ -111,7 +112,7 @@ def run(out: Path, options: ExperimentOptions) -> dict[str, Any]:
                             quick=options.quick)
     report = {"experiment": NAME, "settings": settings, "rows": rows, "paper": PAPER_TABLE_2}
     paths = write_report(out, NAME, markdown=_markdown(rows, settings), data=report,
-                         png=_figure(rows, examples, class_names, settings))
+                         png=_figure(rows, examples, class_names, class_colors, settings))
     return {**report, "files": paths}
 
 
@@ -150,13 +151,14 @@ The FCN paper's Table 2 (PASCAL VOC 2011 segval subset, VGG16 pretrained on Imag
 
 
 def _figure(rows: list[dict[str, Any]], examples: dict[str, list], class_names: list[str],
-            settings: dict[str, Any]) -> bytes:
+            class_colors: list[list[int]] | None, settings: dict[str, Any]) -> bytes:
     plt = pyplot()
     fig = plt.figure(figsize=(11.0, 9.0))
     outer = fig.add_gridspec(2, 1, height_ratios=[2.0, 1.0], hspace=0.28, left=0.06, right=0.98,
                              top=0.91, bottom=0.1)
     captions = {r["name"]: f"mean IU {r['miou']:.3f}" for r in rows}
-    draw_examples(fig, outer[0], examples, class_names, captions=captions)
+    draw_examples(fig, outer[0], examples, class_names, captions=captions,
+                  class_colors=class_colors)
     grouped_bars(fig.add_subplot(outer[1]), rows,
                  [("pixel_accuracy", "pixel acc."), ("mean_accuracy", "mean acc."),
                   ("miou", "mean IU"), ("fw_iou", "f.w. IU"), ("boundary_f", "boundary F")])

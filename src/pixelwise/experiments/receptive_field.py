@@ -28,6 +28,7 @@ from pixelwise.experiments import ExperimentOptions
 from pixelwise.experiments.common import (
     SMALL_SCENE,
     Variant,
+    dataset_classes,
     inference_ms,
     make_data,
     resolve_budget,
@@ -107,6 +108,7 @@ def run(out: Path, options: ExperimentOptions) -> dict[str, Any]:
     examples: dict[str, list] = {}
     with tempfile.TemporaryDirectory(prefix="pixelwise-receptive-field-") as work:
         data = make_data(Path(work) / "data", size=size, num=num, seed=options.seed)
+        class_names, class_colors = dataset_classes(data)
         for name, variant in variants(base).items():
             row, examples[name], trained = score_variant(
                 variant, data, Path(work), size=size, budget=budget,
@@ -115,13 +117,12 @@ def run(out: Path, options: ExperimentOptions) -> dict[str, Any]:
             row["sliding_ms_per_image"] = (sliding_window_ms(trained.model, size)
                                            if hasattr(trained.model, "sliding_window") else None)
             rows.append(row)
-    class_names = list(rows[0]["per_class_iou"])
     settings = setting_dict(size=size, num=num, seed=options.seed, budget=budget,
                             batch_size=base["batch_size"], lr=base["lr"], loss=LOSS,
                             scene=SMALL_SCENE, quick=options.quick)
     report = {"experiment": NAME, "settings": settings, "rows": rows}
     paths = write_report(out, NAME, markdown=_markdown(rows, settings), data=report,
-                         png=_figure(rows, examples, class_names, settings))
+                         png=_figure(rows, examples, class_names, class_colors, settings))
     return {**report, "files": paths}
 
 
@@ -153,7 +154,7 @@ the image), same seed and budget ({settings['budget']} per model); val split.{sp
 
 
 def _figure(rows: list[dict[str, Any]], examples: dict[str, list], class_names: list[str],
-            settings: dict[str, Any]) -> bytes:
+            class_colors: list[list[int]] | None, settings: dict[str, Any]) -> bytes:
     plt = pyplot()
     fig = plt.figure(figsize=(11.0, 10.0))
     outer = fig.add_gridspec(2, 1, height_ratios=[1.0, 1.6], hspace=0.3, left=0.08, right=0.97,
@@ -194,7 +195,8 @@ def _figure(rows: list[dict[str, Any]], examples: dict[str, list], class_names: 
     ax_rf.legend(fontsize=8, loc="upper left", markerscale=0.6)
     captions = {r["name"]: f"mIoU {r['miou']:.3f}, RF {r['receptive_field'] or 'all'}"
                 for r in rows}
-    draw_examples(fig, outer[1], examples, class_names, captions=captions)
+    draw_examples(fig, outer[1], examples, class_names, captions=captions,
+                  class_colors=class_colors)
     fig.suptitle(f"Receptive field vs cost on {settings['size']}x{settings['size']} synthetic "
                  f"scenes, {settings['budget']} per model (val images)", fontsize=11)
     return figure_png(fig)

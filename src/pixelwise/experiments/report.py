@@ -12,14 +12,13 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pixelwise.atomic import write_bytes
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -120,14 +119,7 @@ def write_report(out: Path, name: str, *, markdown: str, data: dict[str, Any],
     paths = {}
     for suffix, content in contents.items():
         path = out / f"{name}{suffix}"
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}", suffix=suffix)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(content.encode() if isinstance(content, str) else content)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes(path, content.encode() if isinstance(content, str) else content)
         paths[suffix[1:]] = str(path)
     logger.info("wrote %s", ", ".join(paths.values()))
     return paths

@@ -20,6 +20,7 @@ from pixelwise.experiments import ExperimentOptions
 from pixelwise.experiments.common import (
     SMALL_SCENE,
     Variant,
+    dataset_classes,
     make_data,
     resolve_budget,
     score_variant,
@@ -89,6 +90,7 @@ def run(out: Path, options: ExperimentOptions) -> dict[str, Any]:
     examples: dict[str, list] = {}
     with tempfile.TemporaryDirectory(prefix="pixelwise-upsamplers-") as work:
         data = make_data(Path(work) / "data", size=size, num=num, seed=options.seed)
+        class_names, class_colors = dataset_classes(data)
         for name, variant in variants(base["width"], base["depth"]).items():
             row, examples[name], _ = score_variant(
                 variant, data, Path(work), size=size, budget=budget,
@@ -96,14 +98,13 @@ def run(out: Path, options: ExperimentOptions) -> dict[str, Any]:
                 keep=EXAMPLES, timing_s=0.01 if options.quick else 0.3)
             row["checkerboard"] = checker.get(name)
             rows.append(row)
-    class_names = list(rows[0]["per_class_iou"])
     settings = setting_dict(size=size, num=num, seed=options.seed, budget=budget,
                             batch_size=base["batch_size"], lr=base["lr"], loss=LOSS,
                             scene=SMALL_SCENE, model="unet", width=base["width"],
                             depth=base["depth"], quick=options.quick)
     report = {"experiment": NAME, "settings": settings, "rows": rows}
     paths = write_report(out, NAME, markdown=_markdown(rows, settings), data=report,
-                         png=_figure(rows, examples, class_names, settings))
+                         png=_figure(rows, examples, class_names, class_colors, settings))
     return {**report, "files": paths}
 
 
@@ -133,13 +134,14 @@ each upsampler in every decoder stage, on the same synthetic data, seed and budg
 
 
 def _figure(rows: list[dict[str, Any]], examples: dict[str, list], class_names: list[str],
-            settings: dict[str, Any]) -> bytes:
+            class_colors: list[list[int]] | None, settings: dict[str, Any]) -> bytes:
     plt = pyplot()
     fig = plt.figure(figsize=(max(12.0, 1.35 * (len(rows) + 2)), 8.0))
     outer = fig.add_gridspec(2, 1, height_ratios=[2.2, 1.0], hspace=0.3, left=0.05, right=0.98,
                              top=0.9, bottom=0.1)
     captions = {r["name"]: f"mIoU {r['miou']:.3f}" for r in rows if r["miou"] is not None}
-    draw_examples(fig, outer[0], examples, class_names, captions=captions)
+    draw_examples(fig, outer[0], examples, class_names, captions=captions,
+                  class_colors=class_colors)
     grouped_bars(fig.add_subplot(outer[1]), rows,
                  [("miou", "val mIoU"), ("boundary_f", "boundary F (2 px)")])
     fig.suptitle(f"U-Net with each upsampler: {settings['size']}x{settings['size']} synthetic "

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -37,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pixelwise.atomic import atomic_path
 from pixelwise.data.layout import safe_join
 from pixelwise.data.panoptic import id2rgb
 from pixelwise.data.synth_writers import segment_stats
@@ -138,16 +137,9 @@ def check_prediction(
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    """Write `path` through a temporary file in its folder and `os.replace`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `path` by `write(file opened in mode)`, atomically."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        write(f)
 
 
 class PanopticPredictionWriter:

@@ -23,9 +23,7 @@ the json's ids are used, so results.json evaluates against that json directly (p
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,10 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from pixelwise.atomic import write_json
 from pixelwise.data.images import image_to_float
 from pixelwise.errors import UserError
-from pixelwise.predict.semantic import OVERLAY_DIR, adapt_channels, describe_size, resolve_size
 from pixelwise.predict.dataset_ids import dataset_image_ids
+from pixelwise.predict.semantic import OVERLAY_DIR, adapt_channels, describe_size, resolve_size
 from pixelwise.predict.tiling import model_device
 from pixelwise.tasks.instance import detections_to_cpu, rescale_detections, to_coco_results
 
@@ -46,15 +45,6 @@ RESULTS_FILE = "results.json"
 IMAGES_FILE = "images.json"
 DEFAULT_SCORE_THRESHOLD = 0.5
 _ANNOTATION_KIND = {"instance": "instances", "keypoints": "keypoints"}
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class InstancePredictor:
@@ -184,11 +174,11 @@ class InstancePredictor:
         results = []
         for image_id, record in zip(ids, self._records):
             results += [dict(r, image_id=image_id) for r in record["results"]]
-        _write_json_atomic(out / RESULTS_FILE, results)
+        write_json(out / RESULTS_FILE, results, indent=None)
         summary: dict[str, Any] = {"results": str(out / RESULTS_FILE),
                                    "detections": len(results), "image_ids": source}
         if images is not None:
-            _write_json_atomic(out / IMAGES_FILE, images)
+            write_json(out / IMAGES_FILE, images, indent=None)
             summary["images_json"] = str(out / IMAGES_FILE)
         else:
             (out / IMAGES_FILE).unlink(missing_ok=True)  # a stale list from an earlier run

@@ -21,8 +21,6 @@ from __future__ import annotations
 import colorsys
 import functools
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pixelwise.atomic import atomic_path
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -143,16 +142,8 @@ def save_png(path: str | Path, rgb: np.ndarray) -> None:
 
 def atomic_save(image: Image.Image, path: str | Path, **options: Any) -> None:
     """Save a PIL image as PNG via a temporary file in the same directory and `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", **options)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", **options)
 
 
 def as_label_array(labels: Any) -> np.ndarray:
