@@ -1,10 +1,11 @@
 """Files written whole or not at all.
 
-Every output pixelwise writes (checkpoints, JSON, PNGs, exported models, datasets' index files)
-goes through `atomic_path`: a temporary file in the target's folder, moved onto the target with
-`os.replace` (atomic within one file system) only when writing succeeded. An error or a crash
-leaves the previous file, or none, and no temporary behind. Written by hand: the standard library
-has the pieces (`tempfile`, `os.replace`) but no helper that joins them.
+pixelwise's outputs (checkpoints, JSON, PNGs, exported models, datasets' index files; not the
+images of a synthetic dataset, whose index is written last) go through `atomic_path`: a temporary
+file in the target's folder, moved onto the target with `os.replace` (atomic within one file
+system) only when writing succeeded. An error or a crash leaves the previous file, or none, and no
+temporary behind. Written by hand: the standard library has the pieces (`tempfile`,
+`os.replace`) but no helper that joins them.
 """
 
 from __future__ import annotations

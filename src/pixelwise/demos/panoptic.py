@@ -14,11 +14,11 @@ as the evaluation. Everything lands under `out`:
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from pixelwise.atomic import write_json
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -134,10 +134,7 @@ def run(out: Path, *, model: str | None = None, quick: bool = False) -> dict[str
         "curves": str(run_dir / "curves.png"),
         "metrics": metrics,
     }
-    path = out / "summary.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(out / "summary.json", summary)
     logger.info("panoptic demo: PQ %s (things %s, stuff %s); files: %s", summary["pq"],
                 summary["pq_things"], summary["pq_stuff"], out)
     return summary
