@@ -19,7 +19,8 @@ def test_help_does_not_import_torch() -> None:
         "heavy = [m for m in ('torch', 'torchvision', 'sympy', 'matplotlib') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
     assert result.stdout.strip() == ""
 
 

@@ -1,5 +1,5 @@
-"""Every dense (semantic) model: shapes (even and odd sizes), backward, determinism, config round trip,
-option travel and errors."""
+"""Every dense (semantic) model: shapes (even and odd sizes), backward, determinism, config round
+trip, option travel and errors."""
 
 from __future__ import annotations
 

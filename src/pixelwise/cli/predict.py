@@ -7,8 +7,8 @@ Writes OUT/NAME.png (palette PNG, pixel value = class index) and OUT/overlays/NA
 overlay with a legend of the classes present) per image. The model, classes, input channels and
 training size come from the checkpoint alone. Without --tile, images are resized to the run's
 training --size (if it had one) and the logits back to the image's size; with --tile, images are
-predicted at their native size (`--size` overrides both). An unreadable image is named on stderr, the others
-are still predicted, and the exit code is 1. No torch import at module level.
+predicted at their native size (`--size` overrides both). An unreadable image is named on
+stderr, the others are still predicted, and the exit code is 1. No torch import at module level.
 
 Panoptic runs write COCO panoptic files instead (OUT/panoptic.json, OUT/panoptic/NAME.png with
 id = R + 256 G + 256^2 B) and overlays; `--semantic RUN_A --instance RUN_B` (no RUN) fuses a

@@ -22,7 +22,8 @@ DEMOS: dict[str, str] = {
 }
 
 
-def run_demo(task: str, out: Path, *, model: str | None = None, quick: bool = False) -> dict[str, Any]:
+def run_demo(task: str, out: Path, *, model: str | None = None,
+             quick: bool = False) -> dict[str, Any]:
     """Run the demo of `task` under `out`; return its summary."""
     if task not in DEMOS:
         raise unknown_name("demo task", task, DEMOS)
