@@ -170,7 +170,7 @@ def test_seconds_budget_becomes_steps_within_limits(tmp_path: Path) -> None:
     assert trained.steps == 2
 
 
-def test_figures_use_the_data_class_colours(tmp_path: Path) -> None:
+def test_dataset_classes_reads_the_writers_colours(tmp_path: Path) -> None:
     from pixelwise.data.synth_scene import SCENE_CATEGORIES
 
     data = make_data(tmp_path / "data", size=16, num=3, seed=0)

@@ -24,9 +24,8 @@ run leaves no panoptic.json that names a missing or half-written PNG.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any
@@ -35,11 +34,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixelwise.atomic import atomic_path
+from pixelwise.atomic import write_json
 from pixelwise.data.layout import safe_join
 from pixelwise.data.panoptic import id2rgb
 from pixelwise.data.synth_writers import segment_stats
 from pixelwise.errors import UserError
+from pixelwise.viz.palette import atomic_save
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +136,6 @@ def check_prediction(
     return array, info
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    """Write `path` by `write(file opened in mode)`, atomically."""
-    with atomic_path(path) as tmp, open(tmp, mode) as f:
-        write(f)
-
-
 class PanopticPredictionWriter:
     """Collects panoptic predictions and writes them as COCO panoptic files under `out`.
 
@@ -210,8 +204,7 @@ class PanopticPredictionWriter:
         array, info = check_prediction(ids, segments, self.category_ids, image=name, size=size)
         path = safe_join(self.png_root, png_name)  # refuses absolute names and '..'
         rgb = id2rgb(array)  # (H, W) -> (H, W, 3) uint8
-        _atomic_write(path, lambda f: Image.fromarray(rgb, mode="RGB").save(f, format="PNG"),
-                      "wb")
+        atomic_save(Image.fromarray(rgb, mode="RGB"), path)
         self._pngs.add(png_name)
         self.images.append({"id": image_id, "file_name": file_name,
                             "height": int(array.shape[0]), "width": int(array.shape[1])})
@@ -225,7 +218,7 @@ class PanopticPredictionWriter:
         if not self._closed:
             data = {"images": self.images, "annotations": self.annotations,
                     "categories": self.categories}
-            _atomic_write(self.json_path, lambda f: json.dump(data, f), "w")
+            write_json(self.json_path, data, indent=None)
             self._closed = True
             logger.info("wrote %d panoptic predictions to %s", len(self.annotations), self.out)
         return self.json_path
