@@ -7,13 +7,14 @@ with the issue's goal. Prints one table row per recipe (and a JSON record with -
 Recipes (goals from issues 4-7): semantic-unet, instance-mask_rcnn, instance-solov2,
 keypoints, cells-mask_rcnn, panoptic. `--list` prints them.
 
-How the budget is kept: a probe of a few training steps measures the step time on this
-machine, then the run gets `epochs` so that training steps plus about `VALIDATIONS` validation
-passes fit the budget (the cosine schedule spans exactly those epochs). The reported minutes are
-the trainer's own wall time (training + validation; data synthesis and the final evaluation are
-not counted). Training uses bfloat16 autocast where the CPU has native bf16 (`--no-amp`:
-float32). Run recipes one at a time on a quiet machine; with `--threads 1` two recipes can share
-a 2-core machine, each then trains on one core (a conservative reading of "2 cores").
+How the budget is kept: the trainer runs with a time budget (`pixelwise train --time`), so the
+schedule spans exactly the budget's wall time (training + validation; data synthesis and the
+final evaluation are not counted) and ends with it. A probe of a few training steps first
+measures the step time, only to space about `VALIDATIONS` validations over the run. Training
+uses bfloat16 autocast where the CPU has native bf16 (`--no-amp`: float32). Run recipes one at
+a time on a quiet machine (the budget is wall time, so a busy machine gets fewer steps); with
+`--threads 1` two recipes can share a 2-core machine, each then trains on one core (a
+conservative reading of "2 cores").
 """
 
 from __future__ import annotations
@@ -158,10 +159,10 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
     step_seconds = record["train_seconds"] / max(probe["steps"], 1)  # validation left out
     n_train = len(task.dataset(data, "train"))
     steps_per_epoch = max(1, n_train // base.batch_size)
-    epochs = max(1, int(0.88 * budget / (step_seconds * steps_per_epoch)))
-    logging.info("%s: %.2f s per step, %d steps per epoch -> %d epochs in %.0f s", name,
+    epochs = max(1, int(0.9 * budget / (step_seconds * steps_per_epoch)))  # about
+    logging.info("%s: %.2f s per step, %d steps per epoch -> about %d epochs in %.0f s", name,
                  step_seconds, steps_per_epoch, epochs, budget)
-    cfg = base.replace(out=str(root / (name + tag) / "run"), epochs=epochs,
+    cfg = base.replace(out=str(root / (name + tag) / "run"), time_budget=budget / 60,
                        val_every=max(1, math.ceil(epochs / VALIDATIONS)), progress=True)
     started = time.perf_counter()
     summary = train(cfg, overwrite=True)
@@ -179,7 +180,7 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
         "threads": torch.get_num_threads(), "amp": "bfloat16" if amp else None,
         "budget_minutes": budget / 60,
         "train_minutes": round(wall / 60, 2), "trainer_minutes": round(summary["seconds"] / 60, 2),
-        "steps": summary["steps"], "epochs": epochs, "batch_size": cfg.batch_size,
+        "steps": summary["steps"], "epochs": summary["epochs"], "batch_size": cfg.batch_size,
         "metrics": reached, "goals": recipe.goals,
         "met": all(reached[g] >= v for g, v in recipe.goals.items()),
         "ms_per_image": round(ms_per_image(Path(cfg.out), data, task), 1),

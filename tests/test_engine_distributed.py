@@ -50,26 +50,32 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, CLASSES, 1))
 
 
-def fit(out: Path) -> tuple[nn.Module, SemanticTask, Toy]:
+def fit(out: Path, minutes: float | None = None) -> tuple[nn.Module, SemanticTask, Toy]:
+    """Two epochs, or `minutes` of wall time."""
+    timing = {"warmup_steps": 1} if minutes is None else {"time_budget": minutes}
     cfg = TrainConfig(out=str(out), epochs=2, batch_size=4, lr=0.05, seed=3, progress=False,
-                      deterministic=True, warmup_steps=1)
+                      deterministic=True, **timing)
     val = Toy(11, seed=2, augment=False)  # odd: uneven shards
     net, task = model(), SemanticTask(CLASSES, loss="ce")
     Trainer(cfg, net, task, Toy(16, seed=1), val).fit()
     return net, task, val
 
 
-def test_two_cpu_processes_match_one(tmp_path: Path) -> None:
-    ddp_out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               __file__, str(ddp_out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-
+def _torchrun(out: Path, *args: str) -> list[dict[str, torch.Tensor]]:
+    """Run `_worker` on 2 CPU processes; each rank's final parameters."""
     from safetensors.torch import load_file
 
-    ranks = [load_file(ddp_out / f"rank{r}.safetensors") for r in (0, 1)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               __file__, str(out), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [load_file(out / f"rank{r}.safetensors") for r in (0, 1)]
+
+
+def test_two_cpu_processes_match_one(tmp_path: Path) -> None:
+    ddp_out = tmp_path / "ddp"
+    ranks = _torchrun(ddp_out)
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     assert (ddp_out / "last.safetensors").is_file() and (ddp_out / "best.safetensors").is_file()
@@ -97,11 +103,23 @@ def test_two_cpu_processes_match_one(tmp_path: Path) -> None:
     assert records[-1]["val"]["miou"] == pytest.approx(expected["miou"], abs=1e-3)
 
 
-def _worker(out: Path) -> None:
+def test_a_time_budget_stops_both_ranks_together(tmp_path: Path) -> None:
+    """Under a 2-second budget the ranks share one clock (its mean): the same learning rates,
+    the same last step (else the run would hang in DDP), identical parameters."""
+    out = tmp_path / "timed"
+    ranks = _torchrun(out, "0.035")
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["time"] < 0.035 * 60 + 3 and records[-1]["step"] >= 2
+    assert json.loads((out / "config.json").read_text())["train"]["time_budget"] == 0.035
+
+
+def _worker(out: Path, minutes: float | None = None) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    net, _, _ = fit(out)
+    net, _, _ = fit(out, minutes)
     # the trainer left the process group; each rank reports its parameters for the test
     save_file({k: v.contiguous() for k, v in net.state_dict().items()},
               str(out / f"rank{os.environ['RANK']}.safetensors"))
@@ -109,7 +127,7 @@ def _worker(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    _worker(Path(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else None)
 
 
 @pytest.mark.slow

@@ -114,3 +114,91 @@ def test_padding_takes_the_dataset_ignore_index(tmp_path: Path) -> None:
     _, mask = task.dataset(root, "train", train=True, crop=(10, 8))[0]
     assert mask.shape == (10, 8)
     assert int((mask == 254).sum()) == 4 * 8 and int((mask == 255).sum()) == 0
+
+
+# -- class-balanced crops (--crop-balance) -------------------------------------------------------
+
+
+def _balanced(mask: torch.Tensor, size: tuple[int, int], balance: float, *, seed: int = 0,
+              n: int = 300) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` crops of (image, mask) where the image's channel 0 holds each pixel's flat index, so
+    a crop tells where it was cut (labels as inside `JointTransform`: 0 = void)."""
+    from torchvision import tv_tensors
+
+    from pixelwise.data.transforms import ClassBalancedCrop
+
+    height, width = mask.shape
+    index = torch.arange(height * width, dtype=torch.float32).reshape(1, height, width) + 1
+    image = tv_tensors.Image(index)
+    crop = ClassBalancedCrop(size, balance)
+    torch.manual_seed(seed)
+    out = []
+    for _ in range(n):
+        image_crop, sample = crop(image, {"semantic": tv_tensors.Mask(mask)})
+        out.append((image_crop[0], sample["semantic"]))
+    return out
+
+
+def test_balanced_crops_centre_on_a_class_drawn_uniformly() -> None:
+    """Classes 1 (most of the image), 2 (a band) and 3 (one pixel at (30, 40)): with balance 1 each
+    is the centre class a third of the time, so the single pixel sits at the window's centre
+    (8, 8) in about a third of the 16x16 crops; plain crops (balance 0) hold it anywhere in about
+    (16/64) * (16/80) = 5 % of the crops."""
+    mask = torch.ones(64, 80, dtype=torch.int64)
+    mask[50:60] = 2
+    mask[30, 40] = 3
+    balanced = _balanced(mask, (16, 16), 1.0)
+    centred = sum(int(m[8, 8]) == 3 for _, m in balanced)
+    assert 0.25 < centred / len(balanced) < 0.42  # 1/3; 300 draws
+    plain = sum(bool((m == 3).any()) for _, m in _balanced(mask, (16, 16), 0.0))
+    assert plain / 300 < 0.12
+    for index, m in balanced:  # the image window is the mask window
+        top, left = divmod(int(index[0, 0]) - 1, 80)
+        assert torch.equal(m, mask[top:top + 16, left:left + 16])
+
+
+def test_balanced_crops_stay_inside_and_never_centre_on_void() -> None:
+    """A class pixel in the corner gives the corner window; void (0) is never drawn; an all-void
+    mask still gives a plain random crop."""
+    mask = torch.zeros(20, 24, dtype=torch.int64)
+    mask[0, 0] = 5
+    for index, m in _balanced(mask, (8, 8), 1.0, n=20):
+        assert int(index[0, 0]) == 1 and int(m[0, 0]) == 5  # window at (0, 0)
+    tops = {int(index[0, 0]) for index, _ in _balanced(torch.zeros(20, 24, dtype=torch.int64),
+                                                       (8, 8), 1.0, n=30)}
+    assert len(tops) > 5
+
+
+def test_balanced_crop_of_a_small_image_pads_and_keeps_the_class() -> None:
+    """A 6x8 image in a 10x12 crop: padded by v2 (void), the whole image inside the window
+    wherever the centre is (v2 pads by the shortfall on both sides, so any window of the padded
+    image holds all of it)."""
+    mask = torch.ones(6, 8, dtype=torch.int64)
+    mask[5, 7] = 2
+    for _, m in _balanced(mask, (10, 12), 1.0, n=20):
+        assert m.shape == (10, 12)
+        rows, cols = (m != 0).any(1).nonzero()[:, 0], (m != 0).any(0).nonzero()[:, 0]
+        inside = m[int(rows[0]):int(rows[-1]) + 1, int(cols[0]):int(cols[-1]) + 1]
+        assert torch.equal(inside, mask) and int((m == 0).sum()) == 10 * 12 - 6 * 8
+
+
+def test_crop_balance_refusals_and_cli(data: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from pixelwise.data.transforms import ClassBalancedCrop
+
+    with pytest.raises(UserError, match="crop balance must be in"):
+        ClassBalancedCrop(8, 1.5)
+    with pytest.raises(UserError, match="crop_balance needs a crop"):
+        TrainConfig(crop_balance=0.5)
+    with pytest.raises(UserError, match="crop_balance must be in"):
+        TrainConfig(crop=(8, 8), crop_balance=-0.1)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--model", "unet", "--width",
+                 "4", "--depth", "2", "--batch-size", "2", "--crop", "32", "--crop-balance",
+                 "0.5", "--max-steps", "2", "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["crop_balance"] == 0.5
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "other"),
+                 "--crop-balance", "0.5"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "crop_balance needs a crop" in err[0]

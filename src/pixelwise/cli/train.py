@@ -1,7 +1,7 @@
 """`pixelwise train`: train a model on a dataset folder, writing a run directory.
 
     pixelwise train --task semantic --model unet --upsample bilinear --data DIR --out RUN
-    pixelwise train --out RUN --resume [--epochs N] [--max-steps N]
+    pixelwise train --out RUN --resume [--epochs N] [--max-steps N] [--time MINUTES]
     torchrun --nproc_per_node=2 -m pixelwise train ...          (DDP; --batch-size is global)
 
 Model options keep their builder's names (`--upsample` -> `upsample`, `--encoder`, `--depth`,
@@ -26,7 +26,8 @@ from pixelwise.errors import UserError
 logger = logging.getLogger(__name__)
 
 # settings a resumed run may change (the others would make it a different run)
-RESUME_OVERRIDES = ("epochs", "max_steps", "workers", "device", "progress", "data", "skip_bad")
+RESUME_OVERRIDES = ("epochs", "max_steps", "time_budget", "workers", "device", "progress", "data",
+                    "skip_bad")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -69,10 +70,16 @@ TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--size", "size", parse_size, "resize every image to HxW (default: as stored)"),
     ("--crop", "crop", parse_size, "train on random HxW crops, after --size (semantic; smaller "
                                    "images padded with ignore; validation on whole images)"),
+    ("--crop-balance", "crop_balance", float, "probability that a crop is centred on a pixel of "
+                                              "a class drawn uniformly among the image's classes "
+                                              "(oversamples rare classes; default 0)"),
     ("--clip-grad", "clip_grad", float, "clip the gradient norm to this value"),
     ("--seed", "seed", int, "random seed (default 0)"),
     ("--max-steps", "max_steps", int, "stop after this many steps (the schedule still spans "
                                       "--epochs)"),
+    ("--time", "time_budget", float, "train for this many minutes of wall time, validation "
+                                     "included, instead of --epochs (the schedule follows the "
+                                     "time used)"),
     ("--workers", "workers", int, "DataLoader worker processes (default 0)"),
     ("--device", "device", str, "auto (default), cpu, cuda, cuda:N"),
     ("--val-every", "val_every", int, "validate every N epochs (default 1)"),
@@ -139,6 +146,8 @@ def build_config(args: argparse.Namespace) -> Any:
                      if k not in RESUME_OVERRIDES and v != getattr(cfg, k))
     if options and options != {k: cfg.model_options.get(k) for k in options}:
         refused.append("model options")
+    if "time_budget" in given and cfg.time_budget is None:
+        refused.append("time_budget (the run counts epochs, not time)")
     if refused:
         raise UserError(f"--resume continues the saved run; it cannot change {', '.join(refused)} "
                         f"(only {', '.join(RESUME_OVERRIDES)})")

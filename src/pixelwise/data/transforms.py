@@ -243,6 +243,54 @@ class RandomScale(v2.Transform):
                                  interpolation=_interpolation_for(inpt), antialias=True)
 
 
+class ClassBalancedCrop(v2.RandomCrop):
+    """`v2.RandomCrop(size, pad_if_needed=True)` that, with probability `balance`, centres the
+    crop on a pixel of one class drawn uniformly among the classes of the semantic mask.
+
+    Random crops of scenes where some classes cover 1-2 % of the pixels mostly show the large
+    classes; this oversamples the rare ones as nnU-Net oversamples foreground patches (there a
+    third of the patches; here every class present, stuff included, is equally likely, so no
+    class list is needed). The centre is clamped so that the window stays inside the (padded)
+    image. Only the window position differs from v2's crop: padding and the crop kernels are
+    v2's. `void`: the mask value that is never a centre; inside `JointTransform` void is 0.
+    """
+
+    def __init__(self, size: int | Sequence[int], balance: float = 0.5, *, void: int = 0
+                 ) -> None:
+        super().__init__(size, pad_if_needed=True)
+        if not 0.0 <= balance <= 1.0:
+            raise UserError(f"crop balance must be in [0, 1], got {balance}")
+        self.balance = float(balance)
+        self.void = int(void)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        params = super().make_params(flat_inputs)
+        if torch.rand(()).item() >= self.balance:
+            return params
+        masks = [x for x in flat_inputs if isinstance(x, tv_tensors.Mask) and x.ndim == 2]
+        if len(masks) != 1:
+            raise UserError("a class-balanced crop needs exactly one semantic mask (H, W)")
+        mask = masks[0].as_subclass(torch.Tensor)
+        classes = mask.unique()
+        classes = classes[classes != self.void]
+        if classes.numel() == 0:
+            return params
+        chosen = classes[torch.randint(classes.numel(), ())]
+        where = (mask == chosen).nonzero()  # (P, 2) row, column
+        y, x = where[torch.randint(len(where), ())].tolist()
+        pad_left, pad_top, pad_right, pad_bottom = params["padding"]
+        padded_height = mask.shape[0] + pad_top + pad_bottom
+        padded_width = mask.shape[1] + pad_left + pad_right
+        height, width = params["height"], params["width"]
+        params["top"] = min(max(y + pad_top - height // 2, 0), padded_height - height)
+        params["left"] = min(max(x + pad_left - width // 2, 0), padded_width - width)
+        params["needs_crop"] = padded_height > height or padded_width > width
+        return params
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, balance={self.balance}"
+
+
 class Resize(v2.Resize):
     """`v2.Resize` with masks resized by ``nearest-exact`` (aligned with the image)."""
 

@@ -11,6 +11,12 @@ checkpoints. See `pixelwise.engine.checkpoint` for the file format.
 Exact resume: the sample order is a function of (seed, epoch), augmentation of (seed, epoch,
 index), and the model/optimizer/scheduler/scaler/RNG states are saved, so `N/2` steps, a resume
 and `N/2` more give the same parameters, bit for bit, as `N` steps (deterministic mode, CPU).
+
+Time budgets (`cfg.time_budget`, minutes): the schedule is a `TimedSchedule` over the fraction
+of the budget used (training and validation; the mean over DDP ranks, so every rank sets the
+same learning rate) and training stops when one more step plus a validation as long as the last
+would not fit. The clock is saved with the run, so resume continues it; the step count then
+depends on the machine's speed, so such runs are not bit-reproducible.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from pixelwise.engine.loader import (
     ShardSampler,
     make_loader,
 )
-from pixelwise.engine.schedules import WarmupSchedule, make_scheduler
+from pixelwise.engine.schedules import WarmupSchedule, make_scheduler, make_timed_scheduler
 from pixelwise.engine.seed import deterministic_mode, get_rng_state, seed_everything, set_rng_state
 from pixelwise.errors import UserError, unknown_name
 
@@ -57,7 +63,8 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 # what a run directory holds; `--overwrite` removes exactly these
 RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "last.safetensors", "best.safetensors")
 # settings that may change on resume without changing the result
-_RESUME_FREE = {"out", "data", "max_steps", "workers", "device", "progress", "epochs"}
+_RESUME_FREE = {"out", "data", "max_steps", "workers", "device", "progress", "epochs",
+                "time_budget"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -140,6 +147,7 @@ class Trainer:
         self.model_config = (model_config if model_config is not None
                              else getattr(model, "config", None))
         self._last_plot = -math.inf
+        self._last_val_seconds = 0.0  # how long the last validation took (time budgets)
 
     # seconds between redraws of curves.png (drawing takes a fraction of a second); the first
     # record and the last are always drawn
@@ -207,18 +215,25 @@ class Trainer:
                                      collate_fn=val_collate, workers=cfg.workers, seed=cfg.seed,
                                      drop_last=False, pin_memory=pin)
 
-        total_steps = cfg.epochs * steps_per_epoch
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.05 * total_steps)
+        budget = None if cfg.time_budget is None else 60.0 * cfg.time_budget  # seconds
         optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr,
                                     weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-        scheduler = make_scheduler(optimizer, cfg.schedule, total_steps=total_steps,
-                                   warmup_steps=warmup, power=cfg.power)
+        if budget is None:
+            total_steps = cfg.epochs * steps_per_epoch
+            warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
+                      else round(0.05 * total_steps))
+            scheduler = make_scheduler(optimizer, cfg.schedule, total_steps=total_steps,
+                                       warmup_steps=warmup, power=cfg.power)
+        else:
+            scheduler = make_timed_scheduler(optimizer, cfg.schedule, power=cfg.power)
         # float16 needs loss scaling, bfloat16 (CPU) has float32's range and does not
         scaler = torch.amp.GradScaler(device.type, enabled=amp and self.amp_dtype == torch.float16)
         state = TrainState()
         if resume:
             state = self._restore(out / "last.safetensors", model, optimizer, scheduler, scaler)
-            scheduler.lr_lambdas[0] = WarmupSchedule(cfg.schedule, total_steps, warmup, cfg.power)
+            if budget is None:  # --epochs may change on resume
+                scheduler.lr_lambdas[0] = WarmupSchedule(cfg.schedule, total_steps, warmup,
+                                                         cfg.power)
             if info.is_main:
                 self._truncate_metrics(out / "metrics.jsonl", state.global_step)
         train_model: nn.Module = model
@@ -229,54 +244,88 @@ class Trainer:
                 model, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=getattr(task, "find_unused_parameters", False))
 
-        stop_at = min(total_steps, cfg.max_steps or total_steps)
+        if budget is None:
+            stop_at = min(total_steps, cfg.max_steps or total_steps)
+            until = f"{cfg.epochs} epochs, stopping at step {stop_at}"
+        else:
+            stop_at = cfg.max_steps or math.inf
+            until = (f"{cfg.time_budget:g} minutes" + (f" or step {stop_at}" if cfg.max_steps
+                                                       else ""))
         logger.info(
-            "training %s on %s: %d images, %d steps/epoch of %d images (%d process%s), "
-            "%d epochs, stopping at step %d", type(model).__name__, device, len(self.train_set),
-            steps_per_epoch, cfg.batch_size, world, "" if world == 1 else "es", cfg.epochs, stop_at)
-        if state.global_step >= stop_at:
-            logger.info("nothing to do: the run is at step %d already", state.global_step)
+            "training %s on %s: %d images, %d steps/epoch of %d images (%d process%s), %s",
+            type(model).__name__, device, len(self.train_set), steps_per_epoch, cfg.batch_size,
+            world, "" if world == 1 else "es", until)
+        if state.global_step >= stop_at or (budget is not None and state.seconds >= budget):
+            logger.info("nothing to do: the run is at step %d (%.0f s) already",
+                        state.global_step, state.seconds)
             return self._summary(state, None, out)
 
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        bar = tqdm(total=stop_at, initial=state.global_step, unit="step", file=sys.stderr,
-                   dynamic_ncols=True, disable=not (cfg.progress and info.is_main), mininterval=0.5)
+        bar = tqdm(total=stop_at if budget is None else None, initial=state.global_step,
+                   unit="step", file=sys.stderr, dynamic_ncols=True,
+                   disable=not (cfg.progress and info.is_main), mininterval=0.5)
         last_val: dict[str, Any] | None = None
+        finished = False
         with bar, logging_redirect_tqdm():
-            while state.global_step < stop_at:
+            while not finished:
                 sampler.set_epoch(state.epoch, skip=state.step_in_epoch * per_rank)
                 train_model.train()
-                bar.set_description(f"epoch {state.epoch + 1}/{cfg.epochs}")
+                bar.set_description(f"epoch {state.epoch + 1}"
+                                    + (f"/{cfg.epochs}" if budget is None else ""))
                 t0 = time.perf_counter()
-                seg_images = 0
+                seg_images = seg_steps = 0
                 for batch in train_loader:
-                    values = self._step(train_model, model, batch, optimizer, scheduler, scaler,
-                                        device, amp, state, out)
+                    values = self._step(train_model, model, batch, optimizer, scaler, device,
+                                        amp, state, out)
                     n = task.num_images(batch) * world
                     seg_images += n
+                    seg_steps += 1
                     state.images += n
                     state.global_step += 1
                     state.step_in_epoch += 1
                     for name, value in values.items():
                         state.sums[name] = state.sums.get(name, 0.0) + value
+                    finished = state.global_step >= stop_at
+                    if budget is not None:
+                        finished |= self._time_step(scheduler, bar, state, budget,
+                                                    time.perf_counter() - t0, seg_steps)
+                    scheduler.step()
                     speed = seg_images / max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{speed:.1f}",
                                     refresh=False)
                     bar.update(1)
-                    if state.global_step >= stop_at:
+                    if finished:
                         break
                 train_seconds = time.perf_counter() - t0
-                last_val = self._end_of_segment(model, optimizer, scheduler, scaler, val_loader,
-                                                state, steps_per_epoch, stop_at, train_seconds,
-                                                seg_images, device, amp, info, out) or last_val
+                val = self._end_of_segment(model, optimizer, scheduler, scaler, val_loader, state,
+                                           steps_per_epoch, finished, train_seconds, seg_images,
+                                           device, amp, info, out)
+                last_val = val or last_val
+                # a validation longer than foreseen (the first one) may use up the budget
+                finished |= budget is not None and _mean_over_ranks(state.seconds) >= budget
         return self._summary(state, last_val, out)
 
+    def _time_step(self, scheduler: Any, bar: Any, state: TrainState, budget: float,
+                   segment_seconds: float, segment_steps: int) -> bool:
+        """Time-budget bookkeeping after a step: the schedule's progress becomes the fraction of
+        the budget used (the mean over ranks, so every rank sets the same learning rate), the
+        bar's total the steps it should fit; True when one more step and a validation as long
+        as the last one would not fit."""
+        # finished segments (training + validation) and this one
+        spent = _mean_over_ranks(state.seconds + segment_seconds)
+        scheduler.lr_lambdas[0].progress = spent / budget
+        step_seconds = segment_seconds / max(segment_steps, 1)
+        if segment_steps >= 3:  # the first steps of a segment are slow (allocation, loading)
+            bar.total = state.global_step + max(0, int((budget - spent) / step_seconds))
+        return spent + step_seconds + self._last_val_seconds >= budget
+
     def _step(self, train_model: nn.Module, model: nn.Module, batch: Any,
-              optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+              optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
               device: torch.device, amp: bool, state: TrainState, out: Path) -> dict[str, float]:
-        """One optimisation step; returns the loss terms averaged over ranks (`loss` = sum)."""
+        """One optimisation step (the schedule is stepped by the caller); returns the loss
+        terms averaged over ranks (`loss` = sum)."""
         batch = self.task.to_device(batch, device)
         with torch.autocast(device.type, dtype=self.amp_dtype, enabled=amp):
             terms = self.task.loss(train_model, batch)
@@ -298,12 +347,12 @@ class Trainer:
             nn.utils.clip_grad_norm_(model.parameters(), self.cfg.clip_grad)
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
         return values
 
     def _end_of_segment(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                         scaler: torch.amp.GradScaler, val_loader: Any, state: TrainState,
-                        steps_per_epoch: int, stop_at: int, train_seconds: float, seg_images: int,
+                        steps_per_epoch: int, finished: bool, train_seconds: float,
+                        seg_images: int,
                         device: torch.device, amp: bool, info: distributed.DistInfo,
                         out: Path) -> dict[str, Any] | None:
         """After an epoch (or the last step): validate, record, checkpoint."""
@@ -314,7 +363,6 @@ class Trainer:
             raise NonFiniteLossError(f"parameter {bad} became non-finite by step "
                                      f"{state.global_step}; training stopped, {_kept(out)}")
         epoch_done = state.step_in_epoch >= steps_per_epoch
-        finished = state.global_step >= stop_at
         steps = max(state.step_in_epoch, 1)
         train_means = {name: total / steps for name, total in state.sums.items()}
         epoch_position = state.epoch + state.step_in_epoch / steps_per_epoch
@@ -326,6 +374,8 @@ class Trainer:
         t0 = time.perf_counter()
         val = task.evaluate(model, val_loader, device=device, amp=amp) if validate else None
         val_seconds = time.perf_counter() - t0
+        if validate:
+            self._last_val_seconds = val_seconds
         state.seconds += train_seconds + val_seconds
         improved = False
         score = None if val is None or task.best_metric is None else val.get(task.best_metric)
@@ -342,7 +392,8 @@ class Trainer:
             "train": train_means,
             "val": val,
         }
-        message = (f"epoch {epoch_position:g}/{cfg.epochs} step {state.global_step}: "
+        of_epochs = f"/{cfg.epochs}" if cfg.time_budget is None else ""
+        message = (f"epoch {epoch_position:g}{of_epochs} step {state.global_step}: "
                    f"train {_format_terms(train_means)}")
         if val is not None and task.best_metric in val and val[task.best_metric] is not None:
             message += f"; val {task.best_metric} {val[task.best_metric]:.4f}"
@@ -429,6 +480,12 @@ class Trainer:
         }
 
 
+def _mean_over_ranks(seconds: float) -> float:
+    """The mean of a rank's clock reading over the DDP ranks (itself without DDP): one value
+    that every rank bases the same decision on."""
+    return float(distributed.all_reduce_mean(torch.tensor([seconds], dtype=torch.float64)))
+
+
 def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere oneDNN
     emulates it and bf16 autocast is slower than float32."""
@@ -476,7 +533,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     options = {k: v for k, v in (("loss", cfg.loss), ("class_weights", cfg.class_weights))
                if v is not None}
     task = TASKS[cfg.task].from_data(cfg.data, **options)
-    crop = {"crop": cfg.crop} if cfg.crop is not None else {}  # semantic only (config checks)
+    # semantic only (the config checks)
+    crop = {"crop": cfg.crop, "crop_balance": cfg.crop_balance} if cfg.crop is not None else {}
     train_set = task.dataset(cfg.data, "train", size=cfg.size, train=True, skip_bad=cfg.skip_bad,
                              **crop)
     if cfg.skip_bad:

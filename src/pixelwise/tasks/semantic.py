@@ -135,22 +135,31 @@ class SemanticTask:
 
     def dataset(self, root: str | Path, split: str, *, size: tuple[int, int] | None = None,
                 train: bool = False, skip_bad: bool = False,
-                crop: tuple[int, int] | None = None) -> Dataset:
+                crop: tuple[int, int] | None = None, crop_balance: float = 0.0) -> Dataset:
         """The `split` of the dataset at `root`, resized to `size` (H, W) when given (masks by
         nearest-exact); training adds a random `crop` (H, W) when given (an image smaller than it
-        is padded: image 0, mask ignore) and a random horizontal flip. `skip_bad`: a bad sample
+        is padded: image 0, mask ignore; with probability `crop_balance` centred on a pixel of a
+        class drawn uniformly among the image's, see `ClassBalancedCrop`) and a random
+        horizontal flip. `skip_bad`: a bad sample
         is logged and read as None (see `pixelwise.data.check`) instead of stopping."""
         from torchvision.transforms import v2
 
         from pixelwise.data.semantic import SemanticDataset
-        from pixelwise.data.transforms import IGNORE_INDEX, HorizontalFlip, JointTransform, Resize
+        from pixelwise.data.transforms import (
+            IGNORE_INDEX,
+            ClassBalancedCrop,
+            HorizontalFlip,
+            JointTransform,
+            Resize,
+        )
 
         steps: list[nn.Module] = []
         if size is not None:
             steps.append(Resize(list(size), antialias=True))
         if train and crop is not None:
             # JointTransform holds labels + 1 with 0 = ignore, so v2's zero padding is ignore
-            steps.append(v2.RandomCrop(list(crop), pad_if_needed=True))
+            steps.append(ClassBalancedCrop(list(crop), crop_balance) if crop_balance > 0
+                         else v2.RandomCrop(list(crop), pad_if_needed=True))
         if train:
             steps.append(HorizontalFlip(0.5))
         ignore = IGNORE_INDEX if self.ignore_index is None else self.ignore_index
