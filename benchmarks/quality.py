@@ -54,9 +54,11 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "semantic-unet": Recipe(
         "semantic", "unet", 10, {"miou": 0.95}, {"num": 500},
-        # random 128 px crops of the 256 px images: 4x the steps of whole images in the budget
-        {"width": 16, "depth": 4},
-        {"batch_size": 8, "lr": 3e-3, "loss": "ce+dice", "crop": (128, 128)}),
+        # whole images, the network on them pooled 2x2 (input_scale 0.5): the cost of 128 px
+        # crops, but no shape cut by a crop, and each unit sees twice as far (10 minutes: val
+        # mIoU 0.678 against 0.539 with random 128 px crops at full resolution)
+        {"width": 16, "depth": 4, "input_scale": 0.5},
+        {"batch_size": 8, "lr": 3e-3, "loss": "ce+dice"}),
     "instance-mask_rcnn": Recipe(
         "instance", "mask_rcnn", 20, {"segm.AP50": 0.9, "segm.AP": 0.6}, {"num": 400}, RCNN,
         {"batch_size": 4, "lr": 5e-4, "clip_grad": 10.0}),

@@ -111,3 +111,22 @@ def test_a_mismatching_export_is_refused_and_nothing_is_written(
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(UserError, match="export format"):
         export.export_model(model, out, format="torchscript", in_channels=1)
+
+
+def test_a_unet_at_half_input_scale_exports_with_dynamic_odd_sizes(tmp_path: Path) -> None:
+    """The pool, the edge padding and the final bilinear x 2 export too; onnxruntime matches
+    eager on an odd size the export was not checked on."""
+    from pixelwise import export
+    from pixelwise.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("unet", num_classes=3, width=4, depth=2, input_scale=0.5).eval()
+    out = tmp_path / "half.onnx"
+    export.export_model(model, out)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.rand(1, 3, 37, 50, generator=torch.Generator().manual_seed(3))
+    got = session.run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert got.shape == (1, 3, 37, 50)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)

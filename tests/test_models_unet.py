@@ -80,3 +80,29 @@ def test_mirror_pad_matches_torch_and_numpy() -> None:
     big = mirror_pad(x, (9, 11, 13, 7))  # wider than the image: numpy's repeated reflection
     ref = np.pad(x.numpy(), ((0, 0), (0, 0), (13, 7), (9, 11)), mode="reflect")
     np.testing.assert_array_equal(big.numpy(), ref)
+
+
+def test_input_scale_runs_the_network_on_the_pooled_image() -> None:
+    """input_scale 1/2 on an image whose pixels come in 2x2 blocks (`y` repeated): the pool gives
+    `y` back exactly, so the output is the plain network on `y`, its logits bilinearly upsampled
+    x 2 (align_corners False). Odd sizes keep their shape (edge-replicated, then cropped)."""
+    torch.manual_seed(0)
+    half = build_model("unet", num_classes=3, width=4, depth=2, input_scale=0.5).eval()
+    y = torch.rand(2, 3, 12, 16, dtype=torch.float64)
+    x = y.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)  # (2, 3, 24, 32)
+    half.double()
+    with torch.no_grad():
+        inner = super(type(half), half).forward(y)  # the U-Net without the scaling
+        expected = F.interpolate(inner, scale_factor=2, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(half(x), expected, rtol=0, atol=1e-12)
+        assert half(torch.rand(1, 3, 37, 50, dtype=torch.float64)).shape == (1, 3, 37, 50)
+    assert half.config["input_scale"] == 0.5
+
+
+def test_input_scale_refusals() -> None:
+    with pytest.raises(UserError, match="input_scale must be 1/k"):
+        build_model("unet", num_classes=2, width=4, depth=2, input_scale=0.3)
+    with pytest.raises(UserError, match="input_scale must be 1/k"):
+        build_model("unet", num_classes=2, width=4, depth=2, input_scale=2)
+    with pytest.raises(UserError, match="applies to padding 'same' only"):
+        build_model("unet", num_classes=2, width=4, depth=2, padding="valid", input_scale=0.5)

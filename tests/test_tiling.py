@@ -49,6 +49,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, int], int]] = {
                                       pad_mode="reflect"), (50, 43), 20),
     "unet_same": (tiny("unet", width=4, depth=2), (132, 120), 80),
     "unet_valid": (tiny("unet", width=4, depth=2, padding="valid"), (132, 120), 96),
+    "unet_half_scale": (tiny("unet", width=4, depth=2, input_scale=0.5), (264, 240), 192),
     "segnet": (tiny("segnet", width=4, depth=2), (140, 136), 88),
 }
 

@@ -40,6 +40,8 @@ MODEL_OPTION_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--width", "width", int, "base channel width"),
     ("--padding", "padding", str, "unet: same (default) or valid (overlap-tile)"),
     ("--tile", "tile", int, "unet valid: input tile size for overlap-tile prediction"),
+    ("--input-scale", "input_scale", float, "unet: run on the image pooled to this scale "
+                                            "(1/k: 0.5, 0.25) and upsample the logits"),
     ("--decoder-channels", "decoder_channels", _ints, "unet: comma-separated widths per block"),
     ("--norm", "norm", str, "batch (default) or none"),
     ("--weights", "weights", str, "local torchvision encoder weights (.safetensors or .pth)"),

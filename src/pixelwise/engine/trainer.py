@@ -80,6 +80,7 @@ class TrainState:
     global_step: int = 0
     images: int = 0  # images trained on, over all ranks
     seconds: float = 0.0  # wall time spent training and validating
+    val_seconds: float = 0.0  # how long the last validation took (time budgets plan with it)
     best: float | None = None  # best value of the task's best_metric
     best_step: int | None = None
     sums: dict[str, float] = field(default_factory=dict)  # loss-term sums in the current epoch
@@ -147,7 +148,6 @@ class Trainer:
         self.model_config = (model_config if model_config is not None
                              else getattr(model, "config", None))
         self._last_plot = -math.inf
-        self._last_val_seconds = 0.0  # how long the last validation took (time budgets)
 
     # seconds between redraws of curves.png (drawing takes a fraction of a second); the first
     # record and the last are always drawn
@@ -319,7 +319,7 @@ class Trainer:
         step_seconds = segment_seconds / max(segment_steps, 1)
         if segment_steps >= 3:  # the first steps of a segment are slow (allocation, loading)
             bar.total = state.global_step + max(0, int((budget - spent) / step_seconds))
-        return spent + step_seconds + self._last_val_seconds >= budget
+        return spent + step_seconds + state.val_seconds >= budget
 
     def _step(self, train_model: nn.Module, model: nn.Module, batch: Any,
               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -375,7 +375,7 @@ class Trainer:
         val = task.evaluate(model, val_loader, device=device, amp=amp) if validate else None
         val_seconds = time.perf_counter() - t0
         if validate:
-            self._last_val_seconds = val_seconds
+            state.val_seconds = val_seconds
         state.seconds += train_seconds + val_seconds
         improved = False
         score = None if val is None or task.best_metric is None else val.get(task.best_metric)

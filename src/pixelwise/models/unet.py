@@ -8,10 +8,15 @@ valid size n to n - 2 * border (depth 4, two convs per level: 572 -> 388, border
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from pixelwise.decoders._upsample import UpsampleArg, needs_indices, per_stage
 from pixelwise.decoders.unet import UNetDecoder
@@ -19,6 +24,7 @@ from pixelwise.encoders import Encoder
 from pixelwise.errors import UserError
 from pixelwise.models._encoder_options import build_encoder
 from pixelwise.models.base import EncoderDecoder
+from pixelwise.models.receptive_field import Layer
 from pixelwise.models.tiling import mirror_pad, overlap_tile
 
 
@@ -48,14 +54,29 @@ def smallest_valid_input(at_least: int, depth: int, convs: int = 2) -> int:
 
 
 class UNet(EncoderDecoder):
-    """encoder -> UNetDecoder -> 1x1 conv. (N, C, H, W) -> (N, K, H, W) in both padding modes."""
+    """encoder -> UNetDecoder -> 1x1 conv. (N, C, H, W) -> (N, K, H, W) in both padding modes.
+
+    `input_scale` 1/k ("same" padding): the network runs on the image average-pooled k x k
+    (edge-replicated to a multiple of k first) and its logits are upsampled x k (bilinear,
+    pixel centres aligned) and cropped to (H, W): k^2 less compute, and each unit sees k times
+    more of the image, for coarser boundaries (DeepLab and SegFormer predict at 1/4 or 1/8 too).
+    """
 
     def __init__(
-        self, encoder: Encoder, decoder: UNetDecoder, num_classes: int, *, tile: int | None = None
+        self, encoder: Encoder, decoder: UNetDecoder, num_classes: int, *, tile: int | None = None,
+        input_scale: float = 1.0,
     ) -> None:
         super().__init__(encoder, decoder, num_classes)
         self.padding = encoder.padding
         self.tile = tile
+        factor = round(1 / input_scale) if input_scale > 0 else 0
+        if factor < 1 or not math.isclose(input_scale * factor, 1.0, rel_tol=1e-6):
+            raise UserError(f"unet: input_scale must be 1/k for an integer k >= 1 (1, 0.5, "
+                            f"0.25, ...), got {input_scale}")
+        if factor > 1 and self.padding == "valid":
+            raise UserError("unet: input_scale applies to padding 'same' only")
+        self.input_factor = factor
+        self.input_pool = nn.AvgPool2d(factor) if factor > 1 else None
         if self.padding == "valid":
             self.depth = len(encoder.output_shape()) - 1
             self.convs = encoder.convs
@@ -82,6 +103,8 @@ class UNet(EncoderDecoder):
         return super().forward(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.input_pool is not None:
+            return self._forward_scaled(images)
         if self.padding == "same":
             return super().forward(images)
         h, w = images.shape[-2:]
@@ -94,6 +117,21 @@ class UNet(EncoderDecoder):
         return overlap_tile(
             self.forward_valid, images, border=b, tile=self.tile, align=2**self.depth
         )
+
+
+    def _forward_scaled(self, images: torch.Tensor) -> torch.Tensor:
+        k = self.input_factor
+        h, w = images.shape[-2:]
+        padded = F.pad(images, (0, (-w) % k, 0, (-h) % k), mode="replicate")
+        logits = super().forward(self.input_pool(padded))  # (N, K, ceil(H/k), ceil(W/k))
+        logits = F.interpolate(logits, scale_factor=k, mode="bilinear", align_corners=False)
+        return logits[..., :h, :w]
+
+    def rf_path(self) -> list[Any]:
+        if self.input_pool is None:
+            return super().rf_path()
+        # the pool, the network, then the logits' bilinear x k (2 input units per output unit)
+        return [self.input_pool, *super().rf_path(), Layer(2, Fraction(1, self.input_factor))]
 
 
 def _default_decoder_channels(encoder: Encoder, n_blocks: int) -> list[int]:
@@ -116,11 +154,13 @@ def unet(
     norm: str = "batch",
     weights: str | Path | None = None,
     tile: int | None = None,
+    input_scale: float = 1.0,
 ) -> UNet:
     """U-Net: encoder-decoder with concatenated skips, "same" or "valid" (overlap-tile) padding.
 
     Plain encoder (depth 4, width 32 by default; the paper: width 64) or a torchvision one; decoder
     blocks upsample to the skip's size with `upsample` (one name or one per block).
+    `input_scale` 1/k runs the network on the image pooled k x k and upsamples its logits.
     """
     names = upsample if isinstance(upsample, (list, tuple)) else [upsample]
     record = any(needs_indices(n) for n in per_stage(names, len(names), "unet"))
@@ -145,6 +185,6 @@ def unet(
         else _default_decoder_channels(enc, n_blocks)
     )
     dec = UNetDecoder(shapes, channels, upsample=upsample, padding=padding, norm=norm)
-    model = UNet(enc, dec, num_classes, tile=tile)
+    model = UNet(enc, dec, num_classes, tile=tile, input_scale=input_scale)
     model.in_channels = in_channels
     return model
