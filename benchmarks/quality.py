@@ -54,11 +54,11 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "semantic-unet": Recipe(
         "semantic", "unet", 10, {"miou": 0.95}, {"num": 500},
-        # whole images, the network on them pooled 2x2 (input_scale 0.5): the cost of 128 px
-        # crops, but no shape cut by a crop, and each unit sees twice as far (10 minutes: val
-        # mIoU 0.678 against 0.539 with random 128 px crops at full resolution)
-        {"width": 16, "depth": 4, "input_scale": 0.5},
-        {"batch_size": 8, "lr": 3e-3, "loss": "ce+dice"}),
+        # whole images, the network on them pooled 4x4 (input_scale 0.25): no shape cut by a
+        # crop, each unit sees 4x as far, 16 images a step. 10 minutes, val mIoU: 0.696; at
+        # input_scale 0.5, batch 8: 0.678; random 128 px crops at full resolution: 0.539
+        {"width": 16, "depth": 4, "input_scale": 0.25},
+        {"batch_size": 16, "lr": 3e-3, "loss": "ce+dice"}),
     "instance-mask_rcnn": Recipe(
         "instance", "mask_rcnn", 20, {"segm.AP50": 0.9, "segm.AP": 0.6}, {"num": 400}, RCNN,
         {"batch_size": 4, "lr": 5e-4, "clip_grad": 10.0}),

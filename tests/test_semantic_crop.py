@@ -202,3 +202,86 @@ def test_crop_balance_refusals_and_cli(data: Path, tmp_path: Path,
                  "--crop-balance", "0.5"]) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "crop_balance needs a crop" in err[0]
+
+
+# -- rescale, rotation and colour jitter (--scale-jitter, --rotate, --color-jitter) -----------
+
+
+def test_rescale_then_crop_gives_windows_of_the_rescaled_mask(data: Path) -> None:
+    """scale (2, 2) and a crop of the original size: every mask is a window of the mask doubled
+    by nearest-exact (each label a 2x2 block), flipped or not."""
+    task = SemanticTask.from_data(data)
+    image, mask = task.dataset(data, "train")[1]
+    doubled = mask.repeat_interleave(2, 0).repeat_interleave(2, 1)  # (96, 128)
+    augmented = task.dataset(data, "train", train=True, scale=(2.0, 2.0), crop=(48, 64))
+    torch.manual_seed(0)
+    for _ in range(4):
+        out_image, out_mask = augmented[1]
+        assert out_image.shape == (3, 48, 64) and out_mask.shape == (48, 64)
+        hits = [spot for m in (doubled, doubled.flip(-1))
+                for spot in _find_window(m[None], out_mask[None])]
+        assert hits, "not a window of the doubled mask"
+
+
+def test_rotation_keeps_labels_and_voids_the_corners(tmp_path: Path) -> None:
+    """A mask of one class rotated: only that class and ignore (nearest, no blended labels);
+    ignore in the corners that left the frame, where the (bilinear) image is black too, up to
+    the blended pixels along the cut."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "set"
+    for sub in ("images/train", "masks/train"):
+        (root / sub).mkdir(parents=True)
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(root / "images/train/a.png")
+    Image.fromarray(np.ones((40, 40), np.uint8)).save(root / "masks/train/a.png")
+    (root / "classes.json").write_text(json.dumps({"classes": ["a", "b"]}))
+    task = SemanticTask.from_data(root)
+    rotated = task.dataset(root, "train", train=True, rotate=45)
+    torch.manual_seed(0)
+    voids = []
+    for _ in range(6):
+        image, mask = rotated[0]
+        assert set(mask.unique().tolist()) <= {1, IGNORE}
+        void, black = mask == IGNORE, (image == 0).all(0)
+        assert not bool((black & ~void).any())  # (H, W): no black pixel is labelled
+        assert int(void.sum()) - int(black.sum()) <= 2 * 40 * 2  # the cut: 2 px per edge
+        assert not bool(void[15:25, 15:25].any())  # the centre stays inside
+        voids.append(int(void.sum()))
+    assert max(voids) > 50  # angles up to 45 degrees cut the corners off
+
+
+def test_colour_jitter_changes_the_image_not_the_mask(data: Path) -> None:
+    task = SemanticTask.from_data(data)
+    image, mask = task.dataset(data, "train")[0]
+    torch.manual_seed(0)
+    out_image, out_mask = task.dataset(data, "train", train=True, jitter=0.4)[0]
+    flipped = not torch.equal(out_mask, mask)
+    assert torch.equal(out_mask, mask.flip(-1) if flipped else mask)
+    assert not torch.allclose(out_image, image.flip(-1) if flipped else image)
+
+
+def test_augmentation_settings_checks_and_cli(data: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    for bad, message in [
+        ({"scale_jitter": [0.5]}, "scale_jitter takes two factors"),
+        ({"scale_jitter": [2.0, 1.0], "crop": (8, 8)}, "scale_jitter must satisfy"),
+        ({"scale_jitter": [0.5, 2.0]}, "scale_jitter needs --crop or --size"),
+        ({"rotate": 200.0}, "rotate must be in"),
+        ({"color_jitter": 1.5}, "color_jitter must be in"),
+        ({"task": "instance", "rotate": 10.0}, "rotate is for the semantic task"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            TrainConfig(**bad)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--model", "unet", "--width",
+                 "4", "--depth", "2", "--batch-size", "2", "--crop", "32", "--scale-jitter",
+                 "0.8,1.2", "--rotate", "10", "--color-jitter", "0.1", "--max-steps", "2",
+                 "--no-progress"]) == 0
+    saved = json.loads((out / "config.json").read_text())["train"]
+    assert (saved["scale_jitter"], saved["rotate"], saved["color_jitter"]) == ([0.8, 1.2], 10, 0.1)
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "other"),
+                 "--scale-jitter", "0.8,1.2"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scale_jitter needs --crop or --size" in err[0]

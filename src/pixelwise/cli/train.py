@@ -73,6 +73,13 @@ TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--crop-balance", "crop_balance", float, "probability that a crop is centred on a pixel of "
                                               "a class drawn uniformly among the image's classes "
                                               "(oversamples rare classes; default 0)"),
+    ("--scale-jitter", "scale_jitter", _floats, "LOW,HIGH: rescale training images by a random "
+                                                "factor, cut back to --crop or --size "
+                                                "(semantic)"),
+    ("--rotate", "rotate", float, "rotate training images by a random angle within +-DEG "
+                                  "(semantic; corners ignored)"),
+    ("--color-jitter", "color_jitter", float, "brightness/contrast/saturation jitter strength, "
+                                              "hue a quarter of it (semantic; e.g. 0.2)"),
     ("--clip-grad", "clip_grad", float, "clip the gradient norm to this value"),
     ("--seed", "seed", int, "random seed (default 0)"),
     ("--max-steps", "max_steps", int, "stop after this many steps (the schedule still spans "

@@ -534,9 +534,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                if v is not None}
     task = TASKS[cfg.task].from_data(cfg.data, **options)
     # semantic only (the config checks)
-    crop = {"crop": cfg.crop, "crop_balance": cfg.crop_balance} if cfg.crop is not None else {}
+    augment = {"crop": cfg.crop, "crop_balance": cfg.crop_balance, "scale": cfg.scale_jitter,
+               "rotate": cfg.rotate, "jitter": cfg.color_jitter} if cfg.task == "semantic" else {}
     train_set = task.dataset(cfg.data, "train", size=cfg.size, train=True, skip_bad=cfg.skip_bad,
-                             **crop)
+                             **augment)
     if cfg.skip_bad:
         train_set = ReplaceBadSamples(train_set)
     val_set = None

@@ -135,13 +135,18 @@ class SemanticTask:
 
     def dataset(self, root: str | Path, split: str, *, size: tuple[int, int] | None = None,
                 train: bool = False, skip_bad: bool = False,
-                crop: tuple[int, int] | None = None, crop_balance: float = 0.0) -> Dataset:
+                crop: tuple[int, int] | None = None, crop_balance: float = 0.0,
+                scale: tuple[float, float] | None = None, rotate: float = 0.0,
+                jitter: float = 0.0) -> Dataset:
         """The `split` of the dataset at `root`, resized to `size` (H, W) when given (masks by
-        nearest-exact); training adds a random `crop` (H, W) when given (an image smaller than it
-        is padded: image 0, mask ignore; with probability `crop_balance` centred on a pixel of a
-        class drawn uniformly among the image's, see `ClassBalancedCrop`) and a random
-        horizontal flip. `skip_bad`: a bad sample
-        is logged and read as None (see `pixelwise.data.check`) instead of stopping."""
+        nearest-exact). Training adds, in this order: a random rescale by a factor in `scale`
+        (then cut back to `crop` or `size`, one of which it needs); a random `crop` (H, W) when
+        given (an image smaller than it is padded: image 0, mask ignore; with probability
+        `crop_balance` centred on a pixel of a class drawn uniformly among the image's, see
+        `ClassBalancedCrop`); a random rotation within +-`rotate` degrees (corners: image 0,
+        mask ignore); a horizontal flip; photometric jitter of strength `jitter` (brightness,
+        contrast, saturation; hue a quarter of it). `skip_bad`: a bad sample is logged and read
+        as None (see `pixelwise.data.check`) instead of stopping."""
         from torchvision.transforms import v2
 
         from pixelwise.data.semantic import SemanticDataset
@@ -150,18 +155,31 @@ class SemanticTask:
             ClassBalancedCrop,
             HorizontalFlip,
             JointTransform,
+            RandomScale,
             Resize,
         )
 
         steps: list[nn.Module] = []
         if size is not None:
             steps.append(Resize(list(size), antialias=True))
+        if train and scale is not None:
+            if crop is None and size is None:
+                raise UserError("a random rescale needs a crop or a size to cut the images back "
+                                "to (one size per batch)")
+            steps.append(RandomScale(tuple(scale)))
+            crop = crop if crop is not None else size
+        # JointTransform holds labels + 1 with 0 = ignore, so v2's zero fill (padding, the
+        # corners of a rotation) is ignore
         if train and crop is not None:
-            # JointTransform holds labels + 1 with 0 = ignore, so v2's zero padding is ignore
             steps.append(ClassBalancedCrop(list(crop), crop_balance) if crop_balance > 0
                          else v2.RandomCrop(list(crop), pad_if_needed=True))
+        if train and rotate > 0:
+            steps.append(v2.RandomRotation(rotate, interpolation=v2.InterpolationMode.BILINEAR))
         if train:
             steps.append(HorizontalFlip(0.5))
+        if train and jitter > 0:
+            steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter,
+                                        hue=min(jitter / 4, 0.5)))
         ignore = IGNORE_INDEX if self.ignore_index is None else self.ignore_index
         transforms = JointTransform(steps, ignore_index=ignore) if steps else None
         return SemanticDataset(root, split, transforms=transforms, skip_bad=skip_bad)
