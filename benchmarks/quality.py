@@ -132,6 +132,7 @@ def ms_per_image(run: Path, data: Path, task: Any, images: int = 20) -> float:
 def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
                seed: int, amp: bool = False, options: dict[str, Any] | None = None,
                train_options: dict[str, Any] | None = None,
+               synth_options: dict[str, Any] | None = None,
                tag: str = "") -> dict[str, Any]:
     from pixelwise.cli.eval import evaluate_run
     from pixelwise.engine.config import TrainConfig
@@ -140,8 +141,9 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
     from pixelwise.tasks import TASKS
 
     recipe = RECIPES[name]
-    recipe = Recipe(recipe.task, recipe.model, recipe.minutes, recipe.goals, recipe.synth,
-                    _merged(recipe.options, options), _merged(recipe.train, train_options))
+    recipe = Recipe(recipe.task, recipe.model, recipe.minutes, recipe.goals,
+                    _merged(recipe.synth, synth_options), _merged(recipe.options, options),
+                    _merged(recipe.train, train_options))
     budget = 60.0 * (minutes if minutes is not None else recipe.minutes)
     data = _data(recipe, root, size, seed)
     task = TASKS[recipe.task].from_data(data)
@@ -177,7 +179,9 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
             if head in metrics:
                 reached.setdefault(f"{head}.{key}", float(metrics[head][key]))
     return {
-        "recipe": name + tag, "overrides": {"options": options or {}, "train": train_options or {}},
+        "recipe": name + tag,
+        "overrides": {"options": options or {}, "train": train_options or {},
+                      "synth": synth_options or {}},
         "task": recipe.task, "model": recipe.model, "data": str(data),
         "threads": torch.get_num_threads(), "amp": "bfloat16" if amp else None,
         "budget_minutes": budget / 60,
@@ -227,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                              "depth=null (removes it)")
     parser.add_argument("--train-option", action="append", default=[], metavar="KEY=JSON",
                         help="override a training setting, e.g. lr=0.001 or crop=[96,96]")
+    parser.add_argument("--synth-option", action="append", default=[], metavar="KEY=JSON",
+                        help="override a synthesis setting of the recipe's data, e.g. num=2500 "
+                             "(another data folder; the goals are for the recipe's own data)")
     parser.add_argument("--tag", default="", help="suffix of the output folder (trials)")
     args = parser.parse_args(argv)
     if args.list or not args.recipes:
@@ -243,11 +250,13 @@ def main(argv: list[str] | None = None) -> int:
 
     amp = native_bf16() if args.amp is None else args.amp
     options, train_options = _overrides(parser, args.option), _overrides(parser, args.train_option)
+    synth_options = _overrides(parser, args.synth_option)
     records = []
     for name in args.recipes:
         record = run_recipe(name, root=args.out, minutes=args.minutes, size=args.size,
                             seed=args.seed, amp=amp, options=options,
-                            train_options=train_options, tag=args.tag)
+                            train_options=train_options, synth_options=synth_options,
+                            tag=args.tag)
         records.append(record)
         write_json(args.out / (name + args.tag) / "quality.json", record)
     if args.json:
