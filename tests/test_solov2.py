@@ -30,8 +30,8 @@ def tiny(num_classes: int = 4, **options) -> SOLOv2:
 
 def square_target(size: tuple[int, int], rects, labels) -> dict[str, torch.Tensor]:
     masks = torch.zeros(len(rects), *size, dtype=torch.uint8)
-    for k, (t, b, l, r) in enumerate(rects):
-        masks[k, t:b, l:r] = 1
+    for k, (top, bottom, left, right) in enumerate(rects):
+        masks[k, top:bottom, left:right] = 1
     return {"masks": masks, "labels": torch.tensor(labels, dtype=torch.int64)}
 
 

@@ -15,8 +15,8 @@ CANVAS = (64, 64)
 def boxes_to_masks(rects: list[tuple[int, int, int, int]], size=CANVAS) -> torch.Tensor:
     """(N, H, W) uint8 from half-open (top, bottom, left, right) rectangles."""
     masks = torch.zeros(len(rects), *size, dtype=torch.uint8)
-    for k, (t, b, l, r) in enumerate(rects):
-        masks[k, t:b, l:r] = 1
+    for k, (top, bottom, left, right) in enumerate(rects):
+        masks[k, top:bottom, left:right] = 1
     return masks
 
 

@@ -118,7 +118,6 @@ class UNet(EncoderDecoder):
             self.forward_valid, images, border=b, tile=self.tile, align=2**self.depth
         )
 
-
     def _forward_scaled(self, images: torch.Tensor) -> torch.Tensor:
         k = self.input_factor
         h, w = images.shape[-2:]
