@@ -148,13 +148,13 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
     data = _data(recipe, root, size, seed)
     task = TASKS[recipe.task].from_data(data)
     accepted = model_options(recipe.model)
-    options = {k: v for k, v in recipe.options.items() if k in accepted}
+    model_opts = {k: v for k, v in recipe.options.items() if k in accepted}
     ignored = sorted(set(recipe.options) - set(accepted))
     if ignored:
         logging.info("%s: options not taken by %s: %s", name, recipe.model, ", ".join(ignored))
-    options.update(task.model_options(recipe.model) if hasattr(task, "model_options") else {})
+    model_opts.update(task.model_options(recipe.model) if hasattr(task, "model_options") else {})
     base = TrainConfig(data=str(data), out=str(root / (name + tag) / "probe"), task=recipe.task,
-                       model=recipe.model, model_options=options, progress=False, seed=seed,
+                       model=recipe.model, model_options=model_opts, progress=False, seed=seed,
                        amp=amp, **recipe.train)
     # probe: the step time on this machine
     probe = train(base.replace(epochs=1, max_steps=PROBE_STEPS, val_every=10 ** 6),
@@ -182,7 +182,8 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
         "recipe": name + tag,
         "overrides": {"options": options or {}, "train": train_options or {},
                       "synth": synth_options or {}},
-        "task": recipe.task, "model": recipe.model, "data": str(data),
+        "task": recipe.task, "model": recipe.model, "model_options": model_opts,
+        "data": str(data),
         "threads": torch.get_num_threads(), "amp": "bfloat16" if amp else None,
         "budget_minutes": budget / 60,
         "train_minutes": round(wall / 60, 2), "trainer_minutes": round(summary["seconds"] / 60, 2),

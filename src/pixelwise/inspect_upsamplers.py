@@ -296,7 +296,6 @@ def _figure_png(rows: list[dict], maps: dict[str, dict], per_line: int = 6) -> b
     return buf.getvalue()
 
 
-
 def write_report(
     out: Path, *, timing_shape: tuple[int, int, int, int] | None = None, repeats: int = 5
 ) -> list[dict]:

@@ -22,7 +22,6 @@ IGNORE_COLOUR = (224, 224, 192)  # PASCAL VOC's colour for its 255 "boundary" la
 # ------------------------------------------------------------------------- files
 
 
-
 def save_image(path: Path, image: np.ndarray, *, gray16: bool) -> None:
     """Save a float [0, 1] image: 8-bit RGB, or 16-bit grayscale with `gray16`; PNG or TIFF.
 

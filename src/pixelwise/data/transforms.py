@@ -315,22 +315,30 @@ def train_transforms(
     schema: KeypointSchema | None = None,
     scale: tuple[float, float] | None = (0.75, 1.25),
     crop_size: int | tuple[int, int] | None = None,
+    crop_balance: float = 0.0,
+    rotate: float = 0.0,
     flip: float = 0.5,
     jitter: float = 0.2,
     min_size: float = 1.0,
 ) -> JointTransform:
     """Training augmentation: random scale, random crop (padded when the image is smaller),
-    horizontal flip (swapping left/right keypoints of `schema`), photometric jitter.
+    random rotation, horizontal flip (swapping left/right keypoints of `schema`), photometric
+    jitter.
 
     scale: the resize factor range (None: no resize); crop_size: (H, W) or one side (None: no
-    crop); flip: its probability; jitter: brightness / contrast / saturation strength (hue gets
+    crop); crop_balance: the share of crops centred on a class (`ClassBalancedCrop`, semantic
+    masks); rotate: the largest angle in degrees (0: none; corners get the fill, void for
+    masks); flip: its probability; jitter: brightness / contrast / saturation strength (hue gets
     a quarter of it; 0: none).
     """
     steps: list[Callable[..., Any]] = []
     if scale is not None:
         steps.append(RandomScale(scale))
     if crop_size is not None:
-        steps.append(v2.RandomCrop(crop_size, pad_if_needed=True))
+        steps.append(ClassBalancedCrop(crop_size, crop_balance) if crop_balance > 0
+                     else v2.RandomCrop(crop_size, pad_if_needed=True))
+    if rotate > 0:
+        steps.append(v2.RandomRotation(rotate, interpolation=v2.InterpolationMode.BILINEAR))
     if flip > 0:
         steps.append(HorizontalFlip(flip, schema.flip_permutation() if schema else None))
     if jitter > 0:

@@ -147,39 +147,28 @@ class SemanticTask:
         mask ignore); a horizontal flip; photometric jitter of strength `jitter` (brightness,
         contrast, saturation; hue a quarter of it). `skip_bad`: a bad sample is logged and read
         as None (see `pixelwise.data.check`) instead of stopping."""
-        from torchvision.transforms import v2
-
         from pixelwise.data.semantic import SemanticDataset
         from pixelwise.data.transforms import (
             IGNORE_INDEX,
-            ClassBalancedCrop,
-            HorizontalFlip,
             JointTransform,
-            RandomScale,
             Resize,
+            train_transforms,
         )
 
         steps: list[nn.Module] = []
         if size is not None:
             steps.append(Resize(list(size), antialias=True))
-        if train and scale is not None:
-            if crop is None and size is None:
-                raise UserError("a random rescale needs a crop or a size to cut the images back "
-                                "to (one size per batch)")
-            steps.append(RandomScale(tuple(scale)))
-            crop = crop if crop is not None else size
-        # JointTransform holds labels + 1 with 0 = ignore, so v2's zero fill (padding, the
-        # corners of a rotation) is ignore
-        if train and crop is not None:
-            steps.append(ClassBalancedCrop(list(crop), crop_balance) if crop_balance > 0
-                         else v2.RandomCrop(list(crop), pad_if_needed=True))
-        if train and rotate > 0:
-            steps.append(v2.RandomRotation(rotate, interpolation=v2.InterpolationMode.BILINEAR))
         if train:
-            steps.append(HorizontalFlip(0.5))
-        if train and jitter > 0:
-            steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter,
-                                        hue=min(jitter / 4, 0.5)))
+            if scale is not None and crop is None:
+                if size is None:
+                    raise UserError("a random rescale needs a crop or a size to cut the images "
+                                    "back to (one size per batch)")
+                crop = size
+            # JointTransform holds labels + 1 with 0 = ignore, so v2's zero fill (padding, the
+            # corners of a rotation) is ignore
+            steps += train_transforms(scale=scale, crop_size=None if crop is None else list(crop),
+                                      crop_balance=crop_balance, rotate=rotate, flip=0.5,
+                                      jitter=jitter).transforms
         ignore = IGNORE_INDEX if self.ignore_index is None else self.ignore_index
         transforms = JointTransform(steps, ignore_index=ignore) if steps else None
         return SemanticDataset(root, split, transforms=transforms, skip_bad=skip_bad)
