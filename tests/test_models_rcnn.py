@@ -414,3 +414,85 @@ def test_no_detections_keep_the_output_shapes() -> None:
         (k,) = points([torch.rand(3, 64, 48)])
     assert m["boxes"].shape == (0, 4) and m["masks"].shape == (0, 1, 64, 48)
     assert k["keypoints"].shape == (0, 4, 3) and k["keypoints_scores"].shape == (0, 4)
+
+
+# ----------------------------------------------------------------------------- normalised heads
+
+
+@pytest.mark.parametrize("norm, layer", [("bn", nn.BatchNorm2d), ("gn", nn.GroupNorm)])
+def test_head_norm_normalises_the_fpn_and_heads(norm: str, layer: type) -> None:
+    """head_norm puts a norm after every FPN conv and every mask / box head conv;
+    box_head_convs makes torchvision's conv + fc box head. The same weights in torchvision's own
+    v2-style assembly give identical detections through pixelwise's fast eval path."""
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+
+    torch.manual_seed(7)
+    size = 96
+    ours = mask_rcnn(4, backbone="resnet18", mask_head_layers=(16, 16), fpn_channels=32,
+                     head_norm=norm, box_head_convs=2, rpn_post_nms_top_n_test=200,
+                     mask_threshold=None, **_rcnn_kwargs(size, detections=20)).eval()
+    fpn_norms = [m for m in ours.backbone.fpn.modules() if isinstance(m, layer)]
+    assert len(fpn_norms) == 8  # 4 inner (1x1) + 4 layer (3x3) blocks
+    box_head = ours.roi_heads.box_head
+    assert isinstance(box_head, FastRCNNConvFCHead)
+    assert sum(isinstance(m, nn.Conv2d) for m in box_head.modules()) == 2
+    assert sum(isinstance(m, layer) for m in box_head.modules()) == 2
+    assert sum(isinstance(m, layer) for m in ours.roi_heads.mask_head.modules()) == 2
+    if norm == "gn":
+        assert {m.num_groups for m in fpn_norms} == {32}
+        assert {m.num_groups for m in ours.roi_heads.mask_head.modules()
+                if isinstance(m, nn.GroupNorm)} == {16}
+    with torch.no_grad():  # non-trivial norm statistics and affine parameters
+        for m in ours.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+
+    from pixelwise.models.rcnn import norm_layer
+
+    made = norm_layer(norm)
+    tv_body = resnet_fpn_backbone(backbone_name="resnet18", weights=None,
+                                  norm_layer=nn.BatchNorm2d, trainable_layers=5)
+    body = BackboneWithFPN(tv_body.body, {f"layer{i}": str(i - 1) for i in range(1, 5)},
+                           [64, 128, 256, 512], 32, norm_layer=made)
+    anchors = AnchorGenerator(tuple((s,) for s in ANCHORS), ((0.5, 1.0, 2.0),) * 5)
+    ref = tvd.MaskRCNN(
+        body, None, rpn_anchor_generator=anchors, **_rcnn_kwargs(size, detections=20),
+        rpn_post_nms_top_n_test=200,
+        box_head=FastRCNNConvFCHead((32, 7, 7), [32, 32], [1024], norm_layer=made),
+        box_predictor=FastRCNNPredictor(1024, 4),
+        mask_head=MaskRCNNHeads(32, (16, 16), 1, norm_layer=made),
+        mask_predictor=MaskRCNNPredictor(16, 16, 4))
+    ref.load_state_dict(_to_torchvision(ours))
+    ref.eval()
+    images = [torch.rand(3, size, size)]
+    with torch.inference_mode():
+        (e,), (g,) = ref(images), ours(images)
+    assert len(g["boxes"]) == 20
+    for key in ("boxes", "labels", "scores"):
+        assert torch.equal(g[key], e[key]), key
+    torch.testing.assert_close(g["masks"], e["masks"], rtol=0, atol=1e-4)
+
+
+def test_normalised_heads_train_and_refuse_bad_settings(instance_batch) -> None:
+    ds, images, targets = instance_batch
+    torch.manual_seed(0)
+    model = mask_rcnn(ds.categories.num_classes, **LIGHT, head_norm="gn", box_head_convs=1)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    totals = []
+    for _ in range(6):
+        total = sum(model(images, targets).values())
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        totals.append(float(total.detach()))
+    assert sum(totals[-2:]) < 0.6 * sum(totals[:2]), totals
+    with pytest.raises(UserError, match="head_norm.*'ln'.*bn, gn"):
+        mask_rcnn(3, **LIGHT, head_norm="ln")
+    with pytest.raises(UserError, match="box_head_convs must be an integer >= 0"):
+        mask_rcnn(3, **LIGHT, box_head_convs=-1)

@@ -31,7 +31,7 @@ way out (torchvision predicts the centre of the heatmap cell: detectron2 does th
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +39,17 @@ import torch
 import torchvision.models.detection as tvd
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, RPNHead
+from torchvision.models.detection.faster_rcnn import (
+    FastRCNNConvFCHead,
+    FastRCNNPredictor,
+    RPNHead,
+)
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops import MultiScaleRoIAlign
 
 from pixelwise.data.keypoints import DEFAULT_SIGMA, KeypointSchema
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, unknown_name
 from pixelwise.models.fast_postprocess import FastRoIHeads, RCNNTransform
 from pixelwise.models.fpn_backbone import build_fpn_backbone
 from pixelwise.models.rcnn_heads import KeypointPredictor, MaskPredictor, UpsampleArg
@@ -60,6 +64,7 @@ KEYPOINT_PIXEL_OFFSET = 0.5
 DEFAULT_ANCHOR_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 BOX_REPRESENTATION = 1024  # torchvision's TwoMLPHead width
+NORMS = ("bn", "gn")  # head_norm names
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -185,16 +190,39 @@ def _anchor_generator(backbone: nn.Module, anchor_sizes: Sequence[int],
     return AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * levels)
 
 
+def norm_layer(name: str | None) -> Callable[[int], nn.Module] | None:
+    """`head_norm` as a layer factory of the channel count: "bn" BatchNorm2d, "gn" GroupNorm with
+    32 groups (fewer when they do not divide the channels), None none."""
+    if name is None:
+        return None
+    if name == "bn":
+        return nn.BatchNorm2d
+    if name == "gn":
+        return _group_norm
+    raise unknown_name("head_norm", name, NORMS)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
 def _common(
     num_classes: int, backbone: str, weights: str | Path | None, trainable_layers: int,
     in_channels: int,
     anchor_sizes: Sequence[int], aspect_ratios: Sequence[float],
     image_mean: Sequence[float] | None, image_std: Sequence[float] | None,
-    fpn_channels: int = 256,
+    fpn_channels: int = 256, head_norm: str | None = None, box_head_convs: int = 0,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The backbone and the keyword arguments every R-CNN here shares."""
+    """The backbone and the keyword arguments every R-CNN here shares: the FPN normalised by
+    `head_norm`; the box head torchvision's TwoMLPHead, or with `box_head_convs` > 0 that many
+    3x3 convs (normalised by `head_norm`) and one 1024 fc, torchvision's v2 head."""
+    norm = norm_layer(head_norm)
+    if isinstance(box_head_convs, bool) or not isinstance(box_head_convs, int) \
+            or box_head_convs < 0:
+        raise UserError(f"box_head_convs must be an integer >= 0, got {box_head_convs!r}")
     body = build_fpn_backbone(backbone, weights, trainable_layers, in_channels=in_channels,
-                              fpn_channels=fpn_channels)
+                              fpn_channels=fpn_channels, fpn_norm_layer=norm)
     anchors = _anchor_generator(body, anchor_sizes, aspect_ratios)
     if image_mean is None:
         image_mean = IMAGENET_MEAN if in_channels == 3 else (sum(IMAGENET_MEAN) / 3,) * in_channels
@@ -206,7 +234,10 @@ def _common(
         "rpn_anchor_generator": anchors,
         "rpn_head": RPNHead(body.out_channels, anchors.num_anchors_per_location()[0]),
         "box_roi_pool": MultiScaleRoIAlign(body.featmap_names, output_size=7, sampling_ratio=2),
-        # torchvision's box head (TwoMLPHead, 1024) is built by FasterRCNN; the predictor here
+        # box_head None: torchvision's TwoMLPHead (1024), built by FasterRCNN
+        "box_head": None if box_head_convs == 0 else FastRCNNConvFCHead(
+            (body.out_channels, 7, 7), [body.out_channels] * box_head_convs,
+            [BOX_REPRESENTATION], norm_layer=norm),
         "box_predictor": FastRCNNPredictor(BOX_REPRESENTATION, num_classes),
         "image_mean": list(image_mean),
         "image_std": list(image_std),
@@ -250,6 +281,8 @@ def mask_rcnn(
     fpn_channels: int = 256,
     upsample: UpsampleArg = "transposed",
     mask_head_layers: Sequence[int] = (256, 256, 256, 256),
+    head_norm: str | None = None,
+    box_head_convs: int = 0,
     anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
     aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS,
     min_size: int | None = None,
@@ -275,6 +308,10 @@ def mask_rcnn(
     num_classes counts the background (K + 1). upsample: the mask predictor's upsampler
     (`rcnn_heads.MaskPredictor`). mask_head_layers: channels of the 3x3 convs before it.
     fpn_channels: the FPN's width (256 as torchvision; 128 halves the cost on small images).
+    head_norm: "bn" or "gn" normalises the FPN and the mask (and conv box) head, as
+    torchvision's v2 Mask R-CNN (BN) and training from scratch (He et al. 2019, GN) do; None
+    (default) as the original. box_head_convs: 3x3 convs before the box head's fc (0: the two-fc
+    head of the paper; torchvision v2: 4).
     anchor_sizes: one per FPN level (5). min_size None keeps images as they are; otherwise
     torchvision's resize (short side min_size, long side <= max_size). rpn_* / box_*:
     torchvision's settings (box_detections_per_img: raise it for crowded images, e.g. 300 for
@@ -284,14 +321,15 @@ def mask_rcnn(
     settings = dict(locals())  # the RPN / box options are passed on as they are (RPN_BOX_OPTIONS)
     _check_positive(num_classes=num_classes, box_detections_per_img=box_detections_per_img)
     body, kwargs = _common(num_classes, backbone, weights, trainable_layers, in_channels,
-                           anchor_sizes, aspect_ratios, image_mean, image_std, fpn_channels)
+                           anchor_sizes, aspect_ratios, image_mean, image_std, fpn_channels,
+                           head_norm, box_head_convs)
     layers = _head_layers("mask_head_layers", mask_head_layers)
     return MaskRCNN(
         body, None,
         min_size=min_size, max_size=max_size, mask_threshold=mask_threshold, fast=fast,
         **_pick(settings, RPN_BOX_OPTIONS),
         mask_roi_pool=MultiScaleRoIAlign(body.featmap_names, output_size=14, sampling_ratio=2),
-        mask_head=MaskRCNNHeads(body.out_channels, layers, 1),
+        mask_head=MaskRCNNHeads(body.out_channels, layers, 1, norm_layer=norm_layer(head_norm)),
         mask_predictor=MaskPredictor(layers[-1], num_classes, upsample),
         **kwargs,
     )
