@@ -55,10 +55,13 @@ RECIPES: dict[str, Recipe] = {
     "semantic-unet": Recipe(
         "semantic", "unet", 10, {"miou": 0.95}, {"num": 500},
         # whole images, the network on them pooled 4x4 (input_scale 0.25): no shape cut by a
-        # crop, each unit sees 4x as far, 16 images a step. 10 minutes, val mIoU: 0.696; at
-        # input_scale 0.5, batch 8: 0.678; random 128 px crops at full resolution: 0.539
+        # crop, each unit sees 4x as far, 16 images a step; every image gets the things of
+        # another pasted on (copy-paste: 400 images overfit); files decoded once (cache).
+        # 10 minutes, val mIoU: 0.825 (1935 steps); without the cache 0.751 (1283 steps);
+        # without copy-paste 0.696; random 128 px crops at full resolution: 0.539
         {"width": 16, "depth": 4, "input_scale": 0.25},
-        {"batch_size": 16, "lr": 3e-3, "loss": "ce+dice"}),
+        {"batch_size": 16, "lr": 3e-3, "loss": "ce+dice", "class_mix": 1.0,
+         "mix_classes": ["person", "ellipse", "rectangle", "triangle"], "cache": True}),
     "instance-mask_rcnn": Recipe(
         "instance", "mask_rcnn", 20, {"segm.AP50": 0.9, "segm.AP": 0.6}, {"num": 400}, RCNN,
         {"batch_size": 4, "lr": 5e-4, "clip_grad": 10.0}),

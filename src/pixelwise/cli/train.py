@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 # settings a resumed run may change (the others would make it a different run)
 RESUME_OVERRIDES = ("epochs", "max_steps", "time_budget", "workers", "device", "progress", "data",
-                    "skip_bad")
+                    "skip_bad", "cache")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -41,6 +41,10 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(parts) != 2 or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"expected HxW (e.g. 256x256) or one size, got {text!r}")
     return parts[0], parts[1]
+
+
+def _names(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def _floats(text: str) -> list[float]:
@@ -80,6 +84,11 @@ TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
                                   "(semantic; corners ignored)"),
     ("--color-jitter", "color_jitter", float, "brightness/contrast/saturation jitter strength, "
                                               "hue a quarter of it (semantic; e.g. 0.2)"),
+    ("--class-mix", "class_mix", float, "probability that a training image gets the pixels of a "
+                                        "random half of another one's classes pasted on "
+                                        "(ClassMix; semantic; e.g. 0.5)"),
+    ("--mix-classes", "mix_classes", _names, "comma-separated class names: --class-mix pastes "
+                                             "all of these instead (copy-paste of things)"),
     ("--clip-grad", "clip_grad", float, "clip the gradient norm to this value"),
     ("--seed", "seed", int, "random seed (default 0)"),
     ("--max-steps", "max_steps", int, "stop after this many steps (the schedule still spans "
@@ -116,6 +125,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=None,
                         help="log and skip bad samples (those `pixelwise data check` reports) "
                         "instead of stopping at the first")
+    parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the decoded images and masks in memory after their first read "
+                        "(semantic; uint8 images: H x W x (C + 1) bytes each, per worker)")
     parser.add_argument("--resume", action="store_true",
                         help="continue RUN from its last checkpoint with its saved settings")
     parser.add_argument("--overwrite", action="store_true",
@@ -127,7 +139,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
     names = [dest for _, dest, _, _ in TRAIN_FLAGS] + ["amp", "deterministic", "progress",
-                                                      "skip_bad"]
+                                                      "skip_bad", "cache"]
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

@@ -138,9 +138,10 @@ def mask_problems(
         problems.append(Problem(Path(mask_path), f"mask size {_hw(mask_hw)} differs from the "
                                                  f"image size {_hw(image_size)} (height x width)"))
     if classes is not None:
-        values = torch.unique(mask)
-        bad = values[((values < 0) | (values >= classes.num_classes))
-                     & (values != classes.ignore_index)]
+        # an elementwise test first: torch.unique sorts the whole mask (it was the slowest step
+        # of reading a training sample); the bad values are listed only when there are some
+        outside = ((mask < 0) | (mask >= classes.num_classes)) & (mask != classes.ignore_index)
+        bad = torch.unique(mask[outside]) if bool(outside.any()) else mask.new_empty(0)
         if bad.numel():
             problems.append(Problem(Path(mask_path), (
                 f"label values {_listed(bad.tolist())} outside the {classes.num_classes} classes "

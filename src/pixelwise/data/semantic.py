@@ -43,7 +43,9 @@ class SemanticDataset(torch.utils.data.Dataset):
     root: the dataset folder; split: e.g. "train" or "val" (`UserError` listing the splits
     found when absent). Classes come from classes.json (pixelwise layout) or are VOC's 21.
     Attributes: `samples` (list of (image path, mask path)), `classes` (`Classes`),
-    `class_names`, `num_classes`, `ignore_index`.
+    `class_names`, `num_classes`, `ignore_index`. cache: keep every sample read, as stored
+    (uint8 images: H x W x (C + 1) bytes each), so that later epochs skip decoding and checking
+    the files (Ultralytics' ``cache=ram``); the transforms still run on every read.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class SemanticDataset(torch.utils.data.Dataset):
         skip_bad: bool = False,
         *,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        cache: bool = False,
     ) -> None:
         layout = detect_layout(root)
         split_layout = layout.split(split)
@@ -65,7 +68,7 @@ class SemanticDataset(torch.utils.data.Dataset):
             raise UserError(f"{layout.root / 'classes.json'}: not found; a semantic dataset "
                             "needs its class names")
         pairs, problems = semantic_pairs(split_layout)
-        self._setup(pairs, problems, classes, transforms, skip_bad, max_pixels)
+        self._setup(pairs, problems, classes, transforms, skip_bad, max_pixels, cache)
         logger.debug("%s split %r: %d samples", layout.root, split, len(self.samples))
 
     @classmethod
@@ -79,6 +82,7 @@ class SemanticDataset(torch.utils.data.Dataset):
         transforms: Transforms | None = None,
         skip_bad: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        cache: bool = False,
     ) -> SemanticDataset:
         """A dataset from explicit, paired lists of image and mask files (any folders).
 
@@ -97,16 +101,21 @@ class SemanticDataset(torch.utils.data.Dataset):
             if not missing:
                 pairs.append((Path(image), Path(mask)))
         dataset = cls.__new__(cls)
-        dataset._setup(pairs, problems, classes, transforms, skip_bad, max_pixels)
+        dataset._setup(pairs, problems, classes, transforms, skip_bad, max_pixels, cache)
         return dataset
 
-    def _setup(self, pairs, problems, classes, transforms, skip_bad, max_pixels) -> None:
+    def _setup(self, pairs, problems, classes, transforms, skip_bad, max_pixels,
+               cache=False) -> None:
         refuse_or_skip(problems, skip_bad=skip_bad)  # raises unless skip_bad
         self.samples: list[tuple[Path, Path]] = list(pairs)
         self.classes: Classes | None = classes
         self.transforms = transforms
         self.skip_bad = skip_bad
         self.max_pixels = max_pixels
+        # index -> (image as stored (C, H, W) uint8/16, mask (H, W) narrowest int), or None for a
+        # skipped bad sample; each DataLoader worker fills its own copy
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor] | None] | None = (
+            {} if cache else None)
 
     @property
     def class_names(self) -> tuple[str, ...] | None:
@@ -125,6 +134,23 @@ class SemanticDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(image (C, H, W) float32, mask (H, W) int64), or None for a skipped bad sample."""
+        if self._cache is not None and index in self._cache:
+            read = self._cache[index]
+        else:
+            read = self._read(index)
+            if self._cache is not None:
+                self._cache[index] = None if read is None else (read[0], _narrow(read[1]))
+        if read is None:
+            return None
+        image, mask = read
+        pair = (tv_tensors.Image(image_to_float(image)), tv_tensors.Mask(mask.long()))
+        if self.transforms is not None:
+            pair = self.transforms(*pair)
+        return pair
+
+    def _read(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The checked image (as stored) and mask (int64) of sample `index`; None when bad and
+        skipped (`UserError` when bad and not)."""
         image_path, mask_path = self.samples[index]
         try:
             image = read_image(image_path, max_pixels=self.max_pixels)
@@ -135,11 +161,15 @@ class SemanticDataset(torch.utils.data.Dataset):
             problems = mask_problems(mask, tuple(image.shape[-2:]), mask_path, self.classes)
         if not refuse_or_skip(problems, skip_bad=self.skip_bad):
             return None
-        pair = (tv_tensors.Image(image_to_float(image)), tv_tensors.Mask(mask))
-        if self.transforms is not None:
-            pair = self.transforms(*pair)
-        return pair
+        return image, mask
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({len(self)} samples, {self.num_classes} classes, "
                 f"ignore_index={self.ignore_index})")
+
+
+def _narrow(mask: torch.Tensor) -> torch.Tensor:
+    """`mask` as uint8 when its labels fit (a quarter of int64's memory in the cache)."""
+    if mask.numel() and int(mask.min()) >= 0 and int(mask.max()) <= 255:
+        return mask.to(torch.uint8)
+    return mask

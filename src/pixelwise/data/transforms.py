@@ -98,11 +98,12 @@ class JointTransform:
             sample[VISIBILITY] = kps[..., 2].clone()
         sem = target.get("semantic")
         if sem is not None:
-            valid = sem != self.ignore_index
-            if bool((sem[valid] >= self.ignore_index).any() or (sem[valid] < 0).any()):
+            labels = sem.as_subclass(torch.Tensor)  # (H, W): plain ops, no tv_tensor dispatch
+            valid = labels != self.ignore_index
+            if bool((valid & ((labels > self.ignore_index) | (labels < 0))).any()):
                 raise UserError(f"semantic labels must be in 0..{self.ignore_index - 1} or "
                                 f"{self.ignore_index} (void) for joint augmentation")
-            sample["semantic"] = tv_tensors.wrap(torch.where(valid, sem + 1, 0), like=sem)
+            sample["semantic"] = tv_tensors.wrap(torch.where(valid, labels + 1, 0), like=sem)
         return sample
 
     def _pack(self, image: torch.Tensor, sample: Target) -> Target:
@@ -110,8 +111,9 @@ class JointTransform:
         height, width = image.shape[-2:]
         if "semantic" in target:
             sem = target["semantic"]
+            labels = sem.as_subclass(torch.Tensor)  # (H, W)
             target["semantic"] = tv_tensors.wrap(
-                torch.where(sem == 0, self.ignore_index, sem - 1), like=sem)
+                torch.where(labels == 0, self.ignore_index, labels - 1), like=sem)
         if "keypoints" in target:
             points = target["keypoints"].as_subclass(torch.Tensor)  # (N, K, 2) continuous
             vis = target.pop(VISIBILITY).clone()

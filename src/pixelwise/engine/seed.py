@@ -55,7 +55,9 @@ def seeded(seed: int) -> Iterator[None]:
     py_state = random.getstate()
     np_state = np.random.get_state()
     try:
-        torch.manual_seed(seed)
+        # the CPU generator only: torch.manual_seed would also reseed (and not restore) the
+        # CUDA generators, and queues that call with a formatted stack (~0.4 ms a sample)
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % (1 << 32))
         yield

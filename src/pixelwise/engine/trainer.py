@@ -534,16 +534,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                if v is not None}
     task = TASKS[cfg.task].from_data(cfg.data, **options)
     # semantic only (the config checks)
+    semantic = cfg.task == "semantic"
     augment = {"crop": cfg.crop, "crop_balance": cfg.crop_balance, "scale": cfg.scale_jitter,
-               "rotate": cfg.rotate, "jitter": cfg.color_jitter} if cfg.task == "semantic" else {}
+               "rotate": cfg.rotate, "jitter": cfg.color_jitter, "class_mix": cfg.class_mix,
+               "mix_classes": cfg.mix_classes} if semantic else {}
+    cache = {"cache": cfg.cache} if semantic else {}
     train_set = task.dataset(cfg.data, "train", size=cfg.size, train=True, skip_bad=cfg.skip_bad,
-                             **augment)
+                             **augment, **cache)
     if cfg.skip_bad:
         train_set = ReplaceBadSamples(train_set)
     val_set = None
     if _has_split(cfg.data, "val"):
         val_set = task.dataset(cfg.data, "val", size=cfg.size, train=False,
-                               skip_bad=cfg.skip_bad)
+                               skip_bad=cfg.skip_bad, **cache)
     else:
         logger.warning("%s has no val split: no validation, no best checkpoint", cfg.data)
     model_options = dict(cfg.model_options)

@@ -137,7 +137,8 @@ class SemanticTask:
                 train: bool = False, skip_bad: bool = False,
                 crop: tuple[int, int] | None = None, crop_balance: float = 0.0,
                 scale: tuple[float, float] | None = None, rotate: float = 0.0,
-                jitter: float = 0.0) -> Dataset:
+                jitter: float = 0.0, class_mix: float = 0.0,
+                mix_classes: Sequence[str] | None = None, cache: bool = False) -> Dataset:
         """The `split` of the dataset at `root`, resized to `size` (H, W) when given (masks by
         nearest-exact). Training adds, in this order: a random rescale by a factor in `scale`
         (then cut back to `crop` or `size`, one of which it needs); a random `crop` (H, W) when
@@ -145,7 +146,10 @@ class SemanticTask:
         `crop_balance` centred on a pixel of a class drawn uniformly among the image's, see
         `ClassBalancedCrop`); a random rotation within +-`rotate` degrees (corners: image 0,
         mask ignore); a horizontal flip; photometric jitter of strength `jitter` (brightness,
-        contrast, saturation; hue a quarter of it). `skip_bad`: a bad sample is logged and read
+        contrast, saturation; hue a quarter of it); then, with probability `class_mix`, the
+        pixels of some classes of another training image pasted on (`pixelwise.data.class_mix`:
+        a random half of its classes, or every class named in `mix_classes`). `cache`: keep the
+        decoded files in memory (`SemanticDataset`). `skip_bad`: a bad sample is logged and read
         as None (see `pixelwise.data.check`) instead of stopping."""
         from pixelwise.data.semantic import SemanticDataset
         from pixelwise.data.transforms import (
@@ -171,7 +175,22 @@ class SemanticTask:
                                       jitter=jitter).transforms
         ignore = IGNORE_INDEX if self.ignore_index is None else self.ignore_index
         transforms = JointTransform(steps, ignore_index=ignore) if steps else None
-        return SemanticDataset(root, split, transforms=transforms, skip_bad=skip_bad)
+        data: Dataset = SemanticDataset(root, split, transforms=transforms, skip_bad=skip_bad,
+                                        cache=cache)
+        if train and class_mix > 0:
+            from pixelwise.data.class_mix import ClassMix
+
+            paste = None if mix_classes is None else self.class_indices(mix_classes)
+            data = ClassMix(data, class_mix, ignore_index=self.ignore_index, classes=paste)
+        return data
+
+    def class_indices(self, names: Sequence[str]) -> list[int]:
+        """The indices of class `names` (a one-line error naming the classes for an unknown one)."""
+        known = list(self.class_names or [])
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise UserError(f"unknown class {unknown[0]!r}; the classes are: {', '.join(known)}")
+        return [known.index(name) for name in names]
 
     collate = staticmethod(collate)
 
