@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from pixelwise.cli import EXIT_USER_ERROR, main
-from pixelwise.data.class_mix import ClassMix, choose_classes, paste_classes
+from pixelwise.data.class_mix import ClassMix, choose_classes, paste_classes, turn_randomly
 from pixelwise.engine.config import TrainConfig
 from pixelwise.engine.loader import SeededDataset
 from pixelwise.errors import UserError
@@ -120,6 +120,46 @@ def test_probability_zero_and_edge_cases_leave_items_unmixed() -> None:
         ClassMix(data, 0.5, classes=[])
 
 
+def _symmetries(t: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 images of `t (..., H, W)` under the square's symmetries, by hand (transposes and
+    flips, no rot90)."""
+    views = [t, t.flip(-1), t.flip(-2), t.flip(-1).flip(-2)]
+    if t.shape[-1] == t.shape[-2]:
+        views += [v.transpose(-1, -2) for v in views]
+    return views
+
+
+@pytest.mark.parametrize("shape, count", [((4, 4), 8), ((3, 5), 4)])
+def test_turns_are_the_symmetries_of_the_rectangle(shape: tuple[int, int], count: int) -> None:
+    mask = torch.arange(shape[0] * shape[1]).reshape(shape)  # (H, W): every pixel distinct
+    image = torch.stack([mask * 2, mask * 3]).float()  # (2, H, W)
+    allowed = [m.flatten().tolist() for m in _symmetries(mask)]
+    assert len({tuple(a) for a in allowed}) == count
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        out_image, out_mask = turn_randomly(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        assert isinstance(out_mask, tv_tensors.Mask) and out_mask.shape == mask.shape
+        assert out_mask.flatten().tolist() in allowed
+        assert torch.equal(out_image, torch.stack([out_mask * 2, out_mask * 3]).float())
+        seen.add(tuple(out_mask.flatten().tolist()))
+    assert len(seen) == count
+
+
+def test_turned_sources_paste_turned_pixels() -> None:
+    masks = [torch.zeros(5, 5, dtype=torch.long) for _ in range(2)]
+    masks[1][0, 1:3] = 1  # a 1x2 bar in the top row of item 1
+    mixed = ClassMix(_Pairs(masks), 1.0, classes=[1], turn=True)
+    torch.manual_seed(0)
+    placed = set()
+    for _ in range(60):
+        _, mask = mixed[0]
+        bar = mask == 1  # (5, 5)
+        assert any(torch.equal(bar, m == 1) for m in _symmetries(masks[1]))
+        placed.add(tuple(bar.flatten().tolist()))
+    assert len(placed) == 8
+
+
 def test_seeded_items_repeat_and_differ_between_epochs(tmp_path: Path) -> None:
     from pixelwise.data.synthetic import synthesize
 
@@ -146,6 +186,7 @@ def test_unknown_class_names_and_settings_are_refused(tmp_path: Path,
     for bad, message in [
         ({"class_mix": 1.5}, "class_mix must be in"),
         ({"mix_classes": ("person",)}, "mix_classes needs class_mix"),
+        ({"mix_turn": True}, "mix_turn needs class_mix"),
         ({"task": "instance", "class_mix": 0.5}, "class_mix is for the semantic task"),
     ]:
         with pytest.raises(UserError, match=message):
@@ -153,9 +194,11 @@ def test_unknown_class_names_and_settings_are_refused(tmp_path: Path,
     out = tmp_path / "run"
     assert main(["train", "--data", str(root), "--out", str(out), "--model", "unet", "--width",
                  "4", "--depth", "2", "--batch-size", "2", "--class-mix", "1",
-                 "--mix-classes", "person,ellipse", "--max-steps", "2", "--no-progress"]) == 0
+                 "--mix-classes", "person,ellipse", "--mix-turn", "--max-steps", "2",
+                 "--no-progress"]) == 0
     saved = json.loads((out / "config.json").read_text())["train"]
-    assert (saved["class_mix"], saved["mix_classes"]) == (1.0, ["person", "ellipse"])
+    assert (saved["class_mix"], saved["mix_classes"], saved["mix_turn"]) == (
+        1.0, ["person", "ellipse"], True)
     capsys.readouterr()
     assert main(["train", "--data", str(root), "--out", str(tmp_path / "other"), "--class-mix",
                  "0.5", "--mix-classes", "dog", "--max-steps", "1"]) == EXIT_USER_ERROR

@@ -74,6 +74,22 @@ def test_dice_matches_a_per_pixel_loop(weight) -> None:
     assert float(got) == pytest.approx(dice_reference(logits, target, weight), rel=1e-12)
 
 
+def test_dice_gradient_equals_the_one_hot_formulas() -> None:
+    """The loss gathers each pixel's class instead of multiplying by a one-hot target: its
+    gradient must equal autograd's through the textbook one-hot expression."""
+    logits, target = sample()
+    ours = logits.clone().requires_grad_(True)
+    soft_dice_loss(ours, target, ignore_index=IGNORE).backward()
+    ref = logits.clone().requires_grad_(True)
+    valid = (target != IGNORE).unsqueeze(1).double()  # (N, 1, H, W)
+    onehot = torch.nn.functional.one_hot(target.clamp(max=2), 3).permute(0, 3, 1, 2) * valid
+    probs = ref.softmax(1) * valid
+    dice = (2 * (probs * onehot).sum((0, 2, 3)) + 1) / (probs.sum((0, 2, 3))
+                                                         + onehot.sum((0, 2, 3)) + 1)
+    (1 - dice).mean().backward()
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("gamma", [0.0, 2.0, 0.5])
 @pytest.mark.parametrize("weight", [None, [1.0, 2.0, 0.5]])
 def test_focal_matches_a_per_pixel_loop(gamma, weight) -> None:

@@ -125,6 +125,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=None,
                         help="log and skip bad samples (those `pixelwise data check` reports) "
                         "instead of stopping at the first")
+    parser.add_argument("--mix-turn", dest="mix_turn", action="store_true", default=None,
+                        help="--class-mix turns the pasted image by a random multiple of 90 "
+                        "degrees, mirrored or not (for classes without a direction)")
     parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the decoded images and masks in memory after their first read "
                         "(semantic; uint8 images: H x W x (C + 1) bytes each, per worker)")
@@ -139,7 +142,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
     names = [dest for _, dest, _, _ in TRAIN_FLAGS] + ["amp", "deterministic", "progress",
-                                                      "skip_bad", "cache"]
+                                                      "skip_bad", "cache", "mix_turn"]
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

@@ -77,18 +77,36 @@ def _like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return tv_tensors.wrap(value, like=like) if isinstance(like, tv_tensors.TVTensor) else value
 
 
+def turn_randomly(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`image (C, H, W)` and `mask (H, W)` turned alike by a random symmetry of their rectangle:
+    of the square's 8 (rotations by k x 90 degrees, each mirrored or not) when H = W, else of
+    the 4 that keep the shape (identity, the two flips, 180 degrees)."""
+    square = image.shape[-1] == image.shape[-2]
+    quarter_turns = int(torch.randint(4, ())) if square else 2 * int(torch.randint(2, ()))
+    mirror = bool(torch.randint(2, ()))
+    out = []
+    for t in (image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)):
+        t = torch.rot90(t, quarter_turns, dims=(-2, -1))
+        out.append(t.flip(-1) if mirror else t)
+    return _like(out[0], image), _like(out[1], mask)
+
+
 class ClassMix(Dataset):
     """Wraps a semantic dataset of `(image (C, H, W), mask (H, W))`; with probability `p` an item
     gets the pixels of some classes of another random item pasted on (see the module docstring).
 
     classes: class indices to paste (all of those the source shows); None: ClassMix's random
-    half of the source's classes. A source of another size than the item, or a bad (None)
-    sample, leaves the item unmixed. Randomness comes from the global torch generator, which
+    half of the source's classes. turn: before pasting, turn the source by one of the 8
+    symmetries of the square (a random multiple of 90 degrees, mirrored or not; square images;
+    non-square ones get one of their 4: the flips), so the pasted pixels land in new places and
+    orientations — for classes whose look does not depend on the direction (shapes, cells), not
+    for e.g. sky above ground. A source of another size than the item, or a bad (None) sample,
+    leaves the item unmixed. Randomness comes from the global torch generator, which
     `SeededDataset` seeds per item.
     """
 
     def __init__(self, dataset: Dataset, p: float = 0.5, *, classes: Sequence[int] | None = None,
-                 ignore_index: int | None = 255) -> None:
+                 ignore_index: int | None = 255, turn: bool = False) -> None:
         if not 0.0 <= p <= 1.0:
             raise UserError(f"class mix probability must be in [0, 1], got {p}")
         if classes is not None and not list(classes):
@@ -97,6 +115,7 @@ class ClassMix(Dataset):
         self.p = float(p)
         self.classes = None if classes is None else [int(c) for c in classes]
         self.ignore_index = ignore_index
+        self.turn = bool(turn)
         self._size_warned = False
 
     def __len__(self) -> int:
@@ -119,6 +138,8 @@ class ClassMix(Dataset):
                                "to mix every pair)")
                 self._size_warned = True
             return sample
+        if self.turn:
+            source_image, source_mask = turn_randomly(source_image, source_mask)
         chosen = choose_classes(source_mask, classes=self.classes, ignore_index=self.ignore_index)
         return paste_classes(image, mask, source_image, source_mask, chosen)
 

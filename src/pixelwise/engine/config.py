@@ -61,6 +61,7 @@ class TrainConfig:
     # on (ClassMix: a random half of that image's classes, or every class in `mix_classes`)
     class_mix: float = 0.0
     mix_classes: tuple[str, ...] | None = None
+    mix_turn: bool = False  # the pasted image turned by a random symmetry of the square
     cache: bool = False  # keep the decoded training / validation files in memory (semantic)
     # mixed precision: None = on for CUDA (float16 + GradScaler), off on CPU; True = on, on a CPU
     # with bfloat16 (steps 1.5-1.8x faster where the CPU has native bf16: AVX512-BF16, AMX);
@@ -150,6 +151,8 @@ class TrainConfig:
             raise UserError(f"class_mix must be in [0, 1], got {self.class_mix}")
         if self.mix_classes is not None and self.class_mix == 0:
             raise UserError("mix_classes needs class_mix > 0 (--class-mix P)")
+        if self.mix_turn and self.class_mix == 0:
+            raise UserError("mix_turn needs class_mix > 0 (--class-mix P)")
         if self.optimizer not in OPTIMIZER_NAMES:
             from pixelwise.errors import unknown_name
 

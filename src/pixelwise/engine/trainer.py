@@ -537,7 +537,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     semantic = cfg.task == "semantic"
     augment = {"crop": cfg.crop, "crop_balance": cfg.crop_balance, "scale": cfg.scale_jitter,
                "rotate": cfg.rotate, "jitter": cfg.color_jitter, "class_mix": cfg.class_mix,
-               "mix_classes": cfg.mix_classes} if semantic else {}
+               "mix_classes": cfg.mix_classes, "mix_turn": cfg.mix_turn} if semantic else {}
     cache = {"cache": cfg.cache} if semantic else {}
     train_set = task.dataset(cfg.data, "train", size=cfg.size, train=True, skip_bad=cfg.skip_bad,
                              **augment, **cache)

