@@ -63,7 +63,10 @@ RECIPES: dict[str, Recipe] = {
         {"batch_size": 16, "lr": 3e-3, "loss": "ce+dice", "class_mix": 1.0,
          "mix_classes": ["person", "ellipse", "rectangle", "triangle"], "cache": True}),
     "instance-mask_rcnn": Recipe(
-        "instance", "mask_rcnn", 20, {"segm.AP50": 0.9, "segm.AP": 0.6}, {"num": 400}, RCNN,
+        "instance", "mask_rcnn", 20, {"segm.AP50": 0.9, "segm.AP": 0.6}, {"num": 400},
+        # BatchNorm in the FPN and the mask head: 20 minutes, segm AP50 0.517 / AP 0.335
+        # (1249 steps); without: 0.457 / 0.288 (1223 steps)
+        {**RCNN, "head_norm": "bn"},
         {"batch_size": 4, "lr": 5e-4, "clip_grad": 10.0}),
     "instance-solov2": Recipe(
         "instance", "solov2", 30, {"segm.AP50": 0.8}, {"num": 400},

@@ -137,7 +137,7 @@ class TrainConfig:
         used = [name for name, on in augment.items() if on]
         if used and self.task != "semantic":
             raise UserError(f"{', '.join(used)} is for the semantic task, not {self.task!r} (the "
-                            "other tasks augment by their own settings)")
+                            "other tasks read and augment their data by their own settings)")
         if self.scale_jitter is not None and not 0 < self.scale_jitter[0] <= self.scale_jitter[1]:
             raise UserError(f"scale_jitter must satisfy 0 < low <= high, got {self.scale_jitter}")
         if self.scale_jitter is not None and self.crop is None and self.size is None:
