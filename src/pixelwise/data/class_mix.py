@@ -3,7 +3,7 @@
 ClassMix (Olsson et al., WACV 2021) mixes two segmentation samples along their labels: a set of
 the classes present in a source image is chosen, their pixels (image and label) replace the
 target's, and the mixed label map is exact, with no instance annotations needed. Chosen classes:
-half of the source's classes at random (ceil(n / 2), as the authors' code), or, when a class
+half of the source's classes at random (ceil(n / 2) of n), or, when a class
 list is given, every listed class the source shows — which is Copy-Paste (Ghiasi et al., CVPR
 2021) for semantic maps, e.g. pasting the thing classes of one scene into another.
 

@@ -47,7 +47,8 @@ def soft_dice_loss(
     keep = valid.to(probs.dtype)  # (N, H, W)
     # The sums without a one-hot target (K times the pixels, several full-size products): sum p
     # over valid pixels is one contraction, sum p g gathers each pixel's own class and adds it
-    # to that class, sum g counts labels. Equal to the one-hot formula, about 2x faster on CPU.
+    # to that class, sum g counts labels. Equal to the one-hot formula; a U-Net training step
+    # (batch 16, 256², 7 classes, CPU) took 0.27 s with the one-hot, 0.24 s with these sums.
     prob_sum = torch.einsum("nkhw,nhw->k", probs, keep)  # (K,)
     own = probs.gather(1, safe.unsqueeze(1)).squeeze(1) * keep  # (N, K, H, W) -> (N, H, W)
     intersection = torch.zeros(num_classes, dtype=probs.dtype, device=probs.device).index_add(
