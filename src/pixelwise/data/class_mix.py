@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
 
+from pixelwise.data.transforms import wrap_like
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -68,13 +68,8 @@ def paste_classes(image: torch.Tensor, mask: torch.Tensor, source_image: torch.T
     table = torch.zeros(max(int(labels.max()), int(chosen.max())) + 1, dtype=torch.bool)
     table[chosen] = True
     where = (labels >= 0) & table[labels.clamp(min=0)]  # (H, W)
-    return (_like(torch.where(where, source_image, image), image),
-            _like(torch.where(where, source_mask, mask), mask))
-
-
-def _like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`value` as the tv_tensor type of `like` (torch ops return plain tensors)."""
-    return tv_tensors.wrap(value, like=like) if isinstance(like, tv_tensors.TVTensor) else value
+    return (wrap_like(torch.where(where, source_image, image), image),
+            wrap_like(torch.where(where, source_mask, mask), mask))
 
 
 def turn_randomly(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +83,7 @@ def turn_randomly(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     for t in (image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)):
         t = torch.rot90(t, quarter_turns, dims=(-2, -1))
         out.append(t.flip(-1) if mirror else t)
-    return _like(out[0], image), _like(out[1], mask)
+    return wrap_like(out[0], image), wrap_like(out[1], mask)
 
 
 class ClassMix(Dataset):

@@ -146,7 +146,7 @@ class JointTransform:
             for key in INSTANCE_FIELDS:
                 value = target.get(key)
                 if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == n:
-                    target[key] = _wrap_like(value[keep], value)
+                    target[key] = wrap_like(value[keep], value)
             xyxy = xyxy[keep]
         if "area" in target:
             if masks is not None:
@@ -156,7 +156,9 @@ class JointTransform:
             target["area"] = area.to(torch.float32)
 
 
-def _wrap_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def wrap_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`value` as the tv_tensor type of `like`, when `like` is one (torch ops return plain
+    tensors)."""
     return tv_tensors.wrap(value, like=like) if isinstance(like, tv_tensors.TVTensor) else value
 
 
