@@ -10,9 +10,10 @@ import argparse
 import inspect
 import logging
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from pixelwise.cli._common import add_json_flag, emit_json
+from pixelwise.cli._common import add_json_flag, add_tta_flags, emit_json
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-dets", type=int, default=None, metavar="N",
                         help="instance/keypoints: detections scored per image (default: the "
                         "model's own limit when over COCO's 100, else 100; keypoints 20)")
+    add_tta_flags(parser)
     parser.add_argument("--skip-bad", action="store_true",
                         help="log and leave out bad samples (those `pixelwise data check` "
                         "reports) instead of stopping at the first")
@@ -45,10 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which: str = "best",
                  batch_size: int = 8, workers: int = 0, device: str = "auto",
-                 skip_bad: bool = False, max_dets: int | None = None) -> dict[str, Any]:
+                 skip_bad: bool = False, max_dets: int | None = None,
+                 tta: str | None = None, tta_scales: Sequence[float] | None = None
+                 ) -> dict[str, Any]:
     """The task's metrics of `run_dir`'s checkpoint on `split` of `data` (`skip_bad`: bad
     samples are logged and left out of the metrics; `max_dets`: COCO detections scored per
-    image, instance and keypoints tasks)."""
+    image, instance and keypoints tasks; `tta` ("flip") / `tta_scales`: test-time augmentation,
+    semantic runs, `pixelwise.predict.tta`)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -56,6 +61,7 @@ def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which:
     from pixelwise.engine.distributed import resolve_device
     from pixelwise.engine.loader import DropBadSamples
     from pixelwise.errors import UserError
+    from pixelwise.predict.tta import AugmentedModel, parse_tta
     from pixelwise.tasks import build_task
 
     if batch_size < 1:
@@ -74,9 +80,12 @@ def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which:
             raise UserError(f"--max-dets applies to the instance and keypoints tasks, not "
                             f"{task.name!r}")
         options["max_dets"] = max_dets
+    augmentation = parse_tta(tta, tta_scales, task.name)
     task.check_data(data)  # e.g. a different number of classes: one line, before any work
     dev = resolve_device(device)
     model, meta = load_model(path, device=dev)
+    if augmentation is not None:
+        model = AugmentedModel(model, augmentation)
     size = train_cfg.get("size")
     dataset = task.dataset(data, split, size=tuple(size) if size else None, train=False,
                            skip_bad=skip_bad)
@@ -113,7 +122,8 @@ def _print_panoptic(metrics: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run_dir, args.data, split=args.split, which=args.checkpoint,
                            batch_size=args.batch_size, workers=args.workers, device=args.device,
-                           skip_bad=args.skip_bad, max_dets=args.max_dets)
+                           skip_bad=args.skip_bad, max_dets=args.max_dets, tta=args.tta,
+                           tta_scales=args.tta_scales)
     if args.json:
         emit_json(metrics)
         return 0

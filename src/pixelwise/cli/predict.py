@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pixelwise.cli._common import add_json_flag, emit_json
+from pixelwise.cli._common import add_json_flag, add_tta_flags, emit_json
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=1,
                         help="images per forward pass (tiles per pass with --tile; default 1)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    add_tta_flags(parser)
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="refuse images with more pixels (default 2^27; 0: no limit)")
     parser.add_argument("--score-threshold", type=float, default=None, metavar="S",
@@ -123,8 +124,9 @@ def _predict_fusion(args: argparse.Namespace, on_error: Any = None) -> dict[str,
         raise UserError("fusion needs both --semantic RUN_A and --instance RUN_B")
     if args.task not in (None, "panoptic"):
         raise UserError(f"--semantic/--instance make a panoptic prediction, not {args.task}")
-    if args.tile is not None or args.overlap is not None:
-        raise UserError("--tile/--overlap are not available with --semantic/--instance")
+    if any(v is not None for v in (args.tile, args.overlap, args.tta, args.tta_scales)):
+        raise UserError("--tile/--overlap/--tta/--tta-scales are not available with "
+                        "--semantic/--instance")
     files = expand_inputs([args.run_dir, *args.inputs])  # no RUN: every positional is an image
     predictor = load_fusion_predictor(
         args.semantic, args.instance, which=args.checkpoint, device=args.device,
@@ -151,6 +153,7 @@ def predict_run(args: argparse.Namespace, on_error: Any = None) -> dict[str, Any
         min_overlap,
         predict_files,
     )
+    from pixelwise.predict.tta import parse_tta
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -174,6 +177,7 @@ def predict_run(args: argparse.Namespace, on_error: Any = None) -> dict[str, Any
     if args.task is not None and args.task != task_name:
         raise UserError(f"{path}: a {task_name} run, not {args.task}")
     detection = task_name in ("instance", "keypoints")
+    tta = parse_tta(args.tta, args.tta_scales, task_name)
     if (detection or task_name == "panoptic") and args.tile is not None:
         raise UserError(f"--tile is for semantic models; {task_name} models predict whole images")
     panoptic_only = {"--gt-json": args.gt_json, "--overlap-threshold": args.overlap_threshold,
@@ -185,6 +189,8 @@ def predict_run(args: argparse.Namespace, on_error: Any = None) -> dict[str, Any
         raise UserError(f"--score-threshold applies to instance and keypoint models, not to "
                         f"{task_name} models")
     extra = {"score_threshold": args.score_threshold} if args.score_threshold is not None else {}
+    if tta is not None:
+        extra["tta"] = tta
     if task_name == "panoptic":
         extra = {"gt_json": args.gt_json, "fusion": _fusion_options(args)}
     overlap = args.overlap
@@ -211,7 +217,8 @@ def predict_run(args: argparse.Namespace, on_error: Any = None) -> dict[str, Any
     if hasattr(predictor, "finish"):  # files about all images (results.json, panoptic.json)
         summary.update(predictor.finish(args.out))
     return {"checkpoint": str(path), "task": meta["task"]["name"], "size": predictor.policy,
-            "tile": args.tile, "overlap": overlap if args.tile else None, **summary}
+            "tile": args.tile, "overlap": overlap if args.tile else None,
+            "tta": None if tta is None else tta.to_dict(), **summary}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pixelwise.cli._common import add_json_flag, emit_json
+from pixelwise.cli._common import add_json_flag, emit_json, parse_floats
 from pixelwise.cli.models import add_model_options, model_options_from_args
 from pixelwise.errors import UserError
 
@@ -47,14 +47,6 @@ def _names(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}") from None
-
-
 # (flag, TrainConfig field, type, help); every default is the TrainConfig's (None = not given)
 TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--task", "task", str, "semantic (default), instance, keypoints, panoptic"),
@@ -70,16 +62,16 @@ TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--warmup-steps", "warmup_steps", int, "warm-up steps (default 5%% of all steps)"),
     ("--power", "power", float, "poly schedule power (default 0.9)"),
     ("--loss", "loss", str, "loss terms joined by +: ce, dice, focal (e.g. ce+dice; default ce)"),
-    ("--class-weights", "class_weights", _floats, "comma-separated weight per class"),
+    ("--class-weights", "class_weights", parse_floats, "comma-separated weight per class"),
     ("--size", "size", parse_size, "resize every image to HxW (default: as stored)"),
     ("--crop", "crop", parse_size, "train on random HxW crops, after --size (semantic; smaller "
                                    "images padded with ignore; validation on whole images)"),
     ("--crop-balance", "crop_balance", float, "probability that a crop is centred on a pixel of "
                                               "a class drawn uniformly among the image's classes "
                                               "(oversamples rare classes; default 0)"),
-    ("--scale-jitter", "scale_jitter", _floats, "LOW,HIGH: rescale training images by a random "
-                                                "factor, cut back to --crop or --size "
-                                                "(semantic)"),
+    ("--scale-jitter", "scale_jitter", parse_floats, "LOW,HIGH: rescale training images by a "
+                                                     "random factor, cut back to --crop or "
+                                                     "--size (semantic)"),
     ("--rotate", "rotate", float, "rotate training images by a random angle within +-DEG "
                                   "(semantic; corners ignored)"),
     ("--color-jitter", "color_jitter", float, "brightness/contrast/saturation jitter strength, "
@@ -90,6 +82,8 @@ TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--mix-classes", "mix_classes", _names, "comma-separated class names: --class-mix pastes "
                                              "all of these instead (copy-paste of things)"),
     ("--clip-grad", "clip_grad", float, "clip the gradient norm to this value"),
+    ("--ema", "ema", float, "validate and save an exponential moving average of the weights "
+                            "with this decay (e.g. 0.999; warmed up over the first steps)"),
     ("--seed", "seed", int, "random seed (default 0)"),
     ("--max-steps", "max_steps", int, "stop after this many steps (the schedule still spans "
                                       "--epochs)"),

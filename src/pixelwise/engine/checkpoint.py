@@ -4,7 +4,8 @@ A checkpoint file (`RUN/last.safetensors`, `RUN/best.safetensors`) holds
 
 * tensors (safetensors body): the model's state dict under `model.<name>`, and for `last` also the
   optimizer, scheduler, gradient scaler and RNG states under `optimizer.`, `scheduler.`, `scaler.`,
-  `rng.` (flattened paths);
+  `rng.` (flattened paths); a run with a moving average of its weights (`--ema`) stores the
+  average as `model` and, in `last`, the trained weights as `trained_model` (for resume);
 * two JSON strings in the safetensors header metadata:
   `pixelwise` — `{"format": 1, "kind", "model": {"name", "num_classes", <options>}, "task": {...},
   "train": TrainConfig, "progress": {...}, "metrics": {...}}`, enough to rebuild the model with

@@ -68,6 +68,9 @@ class TrainConfig:
     # False = off
     amp: bool | None = None
     clip_grad: float | None = None  # max global gradient norm
+    # decay of an exponential moving average of the weights (e.g. 0.999; pixelwise.engine.ema),
+    # which is then what is validated and saved as the model. None: no average
+    ema: float | None = None
     seed: int = 0
     deterministic: bool = False
     max_steps: int | None = None
@@ -121,6 +124,8 @@ class TrainConfig:
             raise UserError(f"workers must be >= 0, got {self.workers}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise UserError(f"clip_grad must be > 0, got {self.clip_grad}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise UserError(f"ema must be a decay in (0, 1), e.g. 0.999, got {self.ema}")
         if self.size is not None and min(self.size) < 1:
             raise UserError(f"size must be positive, got {self.size[0]}x{self.size[1]}")
         if self.crop is not None and min(self.crop) < 1:

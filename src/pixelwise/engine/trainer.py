@@ -6,7 +6,9 @@ nothing about segmentation: each step it asks the task for a dict of scalar loss
 them, steps the optimizer and schedule, and logs each term. Per epoch it evaluates (the task's
 metrics, reduced over DDP ranks), appends a record to `RUN/metrics.jsonl`, redraws
 `RUN/curves.png` and writes the `last` (and, when the task's `best_metric` improves, `best`)
-checkpoints. See `pixelwise.engine.checkpoint` for the file format.
+checkpoints. See `pixelwise.engine.checkpoint` for the file format. With `cfg.ema` a moving
+average of the weights (`pixelwise.engine.ema`) is updated after every step, and it is the
+average that is validated and saved as the model.
 
 Exact resume: the sample order is a function of (seed, epoch), augmentation of (seed, epoch,
 index), and the model/optimizer/scheduler/scaler/RNG states are saved, so `N/2` steps, a resume
@@ -41,6 +43,7 @@ from pixelwise.atomic import write_json, write_text
 from pixelwise.engine import distributed
 from pixelwise.engine.checkpoint import load_checkpoint, save_checkpoint
 from pixelwise.engine.config import TrainConfig
+from pixelwise.engine.ema import WeightAverage
 from pixelwise.engine.curves import plot_curves, read_metrics
 from pixelwise.engine.loader import (
     DropBadSamples,
@@ -228,9 +231,11 @@ class Trainer:
             scheduler = make_timed_scheduler(optimizer, cfg.schedule, power=cfg.power)
         # float16 needs loss scaling, bfloat16 (CPU) has float32's range and does not
         scaler = torch.amp.GradScaler(device.type, enabled=amp and self.amp_dtype == torch.float16)
+        ema = None if cfg.ema is None else WeightAverage(model, cfg.ema)
         state = TrainState()
         if resume:
-            state = self._restore(out / "last.safetensors", model, optimizer, scheduler, scaler)
+            state = self._restore(out / "last.safetensors", model, optimizer, scheduler, scaler,
+                                  ema)
             if budget is None:  # --epochs may change on resume
                 scheduler.lr_lambdas[0] = WarmupSchedule(cfg.schedule, total_steps, warmup,
                                                          cfg.power)
@@ -279,6 +284,8 @@ class Trainer:
                 for batch in train_loader:
                     values = self._step(train_model, model, batch, optimizer, scaler, device,
                                         amp, state, out)
+                    if ema is not None:
+                        ema.update(model)
                     n = task.num_images(batch) * world
                     seg_images += n
                     seg_steps += 1
@@ -299,27 +306,29 @@ class Trainer:
                     if finished:
                         break
                 train_seconds = time.perf_counter() - t0
-                val = self._end_of_segment(model, optimizer, scheduler, scaler, val_loader, state,
-                                           steps_per_epoch, finished, train_seconds, seg_images,
-                                           device, amp, info, out)
+                val = self._end_of_segment(model, ema, optimizer, scheduler, scaler, val_loader,
+                                           state, steps_per_epoch, finished, train_seconds,
+                                           seg_images, device, amp, info, out)
                 last_val = val or last_val
                 # a validation longer than foreseen (the first one) may use up the budget
-                finished |= budget is not None and _mean_over_ranks(state.seconds) >= budget
+                finished |= budget is not None and _mean_over_ranks(state.seconds)[0] >= budget
         return self._summary(state, last_val, out)
 
     def _time_step(self, scheduler: Any, bar: Any, state: TrainState, budget: float,
                    segment_seconds: float, segment_steps: int) -> bool:
         """Time-budget bookkeeping after a step: the schedule's progress becomes the fraction of
-        the budget used (the mean over ranks, so every rank sets the same learning rate), the
-        bar's total the steps it should fit; True when one more step and a validation as long
-        as the last one would not fit."""
-        # finished segments (training + validation) and this one
-        spent = _mean_over_ranks(state.seconds + segment_seconds)
+        the budget used, the bar's total the steps it should fit; True when one more step and a
+        validation as long as the last one would not fit. Every figure is the mean over the
+        ranks, so that every rank sets the same learning rate and stops at the same step."""
+        # finished segments (training + validation) and this one; the mean step; the last
+        # validation's time
+        spent, step_seconds, val_seconds = _mean_over_ranks(
+            state.seconds + segment_seconds, segment_seconds / max(segment_steps, 1),
+            state.val_seconds)
         scheduler.lr_lambdas[0].progress = spent / budget
-        step_seconds = segment_seconds / max(segment_steps, 1)
         if segment_steps >= 3:  # the first steps of a segment are slow (allocation, loading)
             bar.total = state.global_step + max(0, int((budget - spent) / step_seconds))
-        return spent + step_seconds + state.val_seconds >= budget
+        return spent + step_seconds + val_seconds >= budget
 
     def _step(self, train_model: nn.Module, model: nn.Module, batch: Any,
               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -349,13 +358,16 @@ class Trainer:
         scaler.update()
         return values
 
-    def _end_of_segment(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    def _end_of_segment(self, model: nn.Module, ema: WeightAverage | None,
+                        optimizer: torch.optim.Optimizer, scheduler: Any,
                         scaler: torch.amp.GradScaler, val_loader: Any, state: TrainState,
                         steps_per_epoch: int, finished: bool, train_seconds: float,
                         seg_images: int,
                         device: torch.device, amp: bool, info: distributed.DistInfo,
                         out: Path) -> dict[str, Any] | None:
-        """After an epoch (or the last step): validate, record, checkpoint."""
+        """After an epoch (or the last step): validate, record, checkpoint. With an `ema`, the
+        average is what is validated and saved as `model` (the trained weights are kept in
+        `last` as `trained_model`, for resume)."""
         cfg, task = self.cfg, self.task
         bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()),
                    None)
@@ -372,7 +384,8 @@ class Trainer:
             state.sums = {}
         validate = val_loader is not None and (finished or state.epoch % cfg.val_every == 0)
         t0 = time.perf_counter()
-        val = task.evaluate(model, val_loader, device=device, amp=amp) if validate else None
+        shipped = model if ema is None else ema.module  # the weights validated and saved
+        val = task.evaluate(shipped, val_loader, device=device, amp=amp) if validate else None
         val_seconds = time.perf_counter() - t0
         if validate:
             state.val_seconds = val_seconds
@@ -413,10 +426,13 @@ class Trainer:
             meta["progress"] = {"epoch": epoch_position, "step": state.global_step}
             meta["metrics"] = val
             if improved:
-                save_checkpoint(out / "best.safetensors", {"model": model.state_dict()},
+                save_checkpoint(out / "best.safetensors", {"model": shipped.state_dict()},
                                 {**meta, "kind": "best"})
+            averaging = {} if ema is None else {"trained_model": model.state_dict(),
+                                                "ema": {"updates": ema.updates}}
             save_checkpoint(out / "last.safetensors", {
-                "model": model.state_dict(),
+                "model": shipped.state_dict(),
+                **averaging,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
@@ -437,7 +453,8 @@ class Trainer:
         return f"{self.task.name}: {name} ({Path(self.cfg.out).name})"
 
     def _restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, scaler: torch.amp.GradScaler) -> TrainState:
+                 scheduler: Any, scaler: torch.amp.GradScaler,
+                 ema: WeightAverage | None) -> TrainState:
         tree, meta = load_checkpoint(path)
         if meta.get("kind") != "last" or "trainer" not in tree:
             raise UserError(f"{path}: not a resumable checkpoint (kind {meta.get('kind')!r})")
@@ -447,7 +464,10 @@ class Trainer:
         if changed:
             logger.warning("resuming %s with changed settings (%s): the result will differ from "
                            "an uninterrupted run", path, ", ".join(changed))
-        model.load_state_dict(tree["model"])
+        # a run with an average saved it as `model` and the trained weights apart
+        model.load_state_dict(tree.get("trained_model", tree["model"]))
+        if ema is not None and "ema" in tree:  # else an average switched on now starts afresh
+            ema.load(tree["model"], tree["ema"]["updates"])
         optimizer.load_state_dict(tree["optimizer"])
         scheduler.load_state_dict(tree["scheduler"])
         if tree.get("scaler"):
@@ -480,10 +500,10 @@ class Trainer:
         }
 
 
-def _mean_over_ranks(seconds: float) -> float:
-    """The mean of a rank's clock reading over the DDP ranks (itself without DDP): one value
-    that every rank bases the same decision on."""
-    return float(distributed.all_reduce_mean(torch.tensor([seconds], dtype=torch.float64)))
+def _mean_over_ranks(*seconds: float) -> list[float]:
+    """The means of a rank's clock readings over the DDP ranks (themselves without DDP): values
+    that every rank bases the same decision on (one all-reduce)."""
+    return distributed.all_reduce_mean(torch.tensor(seconds, dtype=torch.float64)).tolist()
 
 
 def native_bf16() -> bool:

@@ -47,6 +47,7 @@ from pixelwise.predict.tiling import (
     predict_padded,
     predict_tiled,
 )
+from pixelwise.predict.tta import TTA
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class SemanticPredictor:
         tile, overlap: tiled inference when `tile` is given (pixels).
         batch_size: images per forward pass (tiles per pass when tiling).
         pad_mode: how `predict_tiled` pads to the output stride when it must.
+        tta: test-time augmentation (`pixelwise.predict.tta.TTA`), or None.
     """
 
     task = "semantic"
@@ -119,7 +121,9 @@ class SemanticPredictor:
         overlap: int = 0,
         batch_size: int = 1,
         pad_mode: str = "reflect",
+        tta: TTA | None = None,
     ) -> None:
+        self.tta = tta
         self.model = model
         self.meta = meta
         task = meta.get("task") or {}
@@ -160,7 +164,13 @@ class SemanticPredictor:
 
     @torch.inference_mode()
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(N, C, h, w) prepared inputs -> (N, K, h, w) float32 logits on the CPU."""
+        """(N, C, h, w) prepared inputs -> (N, K, h, w) float32 logits on the CPU (with
+        `tta`: the log of the augmentations' mean probabilities)."""
+        if self.tta is not None:
+            return self.tta(self._one_pass, inputs)
+        return self._one_pass(inputs)
+
+    def _one_pass(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.tile is not None:
             out = predict_tiled(self.model, inputs, self.tile, self.overlap,
                                 batch_size=self.batch_size, pad_mode=self.pad_mode)
