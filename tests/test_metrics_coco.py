@@ -368,3 +368,36 @@ def test_own_limit_stats_equal_pycocotools_summarize_at_its_limits(iou_type):
     default = coco_evaluate(gt, results, iou_type)
     explicit = coco_evaluate(gt, results, iou_type, max_dets=limit)
     assert list(explicit.values()) == list(default.values())
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm", "keypoints"])
+def test_per_category_ap_equals_pycocotools_on_that_category_alone(iou_type):
+    """Each category's AP / AP50 (detectron2's per-category table) equals pycocotools'
+    summary of an evaluation restricted to that category."""
+    gt = make_gt(seed=4, num_images=5)
+    results = make_results(gt, iou_type, seed=5)
+    evaluator = CocoEvaluator(gt, iou_type)
+    evaluator.update(results, image_ids=[img["id"] for img in gt["images"]])
+    stats, per_category = evaluator.compute_with_categories()
+    assert stats == coco_evaluate(gt, results, iou_type)
+    cats = sorted(NUM_KP) if iou_type == "keypoints" else sorted(c["id"] for c in CATEGORIES)
+    assert sorted(per_category) == cats
+    nontrivial = 0
+    for cat_id in cats:
+        # pycocotools' COCOeval takes one set of sigmas: the hand's for the hand alone
+        sigmas = HAND_SIGMAS if cat_id == 9 and iou_type == "keypoints" else None
+        alone = direct_pycocotools(gt, results, iou_type, cat_ids=[cat_id], sigmas=sigmas)
+        assert per_category[cat_id]["AP"] == pytest.approx(alone["AP"], abs=1e-12)
+        assert per_category[cat_id]["AP50"] == pytest.approx(alone["AP50"], abs=1e-12)
+        nontrivial += 0.05 < alone["AP"] < 0.95
+    assert nontrivial >= 1
+
+
+def test_per_category_ap_is_none_without_ground_truth():
+    gt, _ = _single_category_gt()
+    gt["categories"] = [*gt["categories"], {"id": 99, "name": "never"}]
+    evaluator = CocoEvaluator(gt, "bbox")
+    evaluator.update([{"image_id": gt["images"][0]["id"], "category_id": 99,
+                       "bbox": [0, 0, 10, 10], "score": 0.9}])
+    _, per_category = evaluator.compute_with_categories()
+    assert per_category[99] == {"AP": None, "AP50": None}

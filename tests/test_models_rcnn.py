@@ -496,3 +496,25 @@ def test_normalised_heads_train_and_refuse_bad_settings(instance_batch) -> None:
         mask_rcnn(3, **LIGHT, head_norm="ln")
     with pytest.raises(UserError, match="box_head_convs must be an integer >= 0"):
         mask_rcnn(3, **LIGHT, box_head_convs=-1)
+
+
+def test_mask_roi_size_sets_the_mask_resolution(instance_batch) -> None:
+    """mask_roi_size 28: the mask head sees 28 x 28 RoIs and predicts (and is trained on)
+    56 x 56 masks; torchvision's mask loss takes its target size from the logits."""
+    ds, images, targets = instance_batch
+    torch.manual_seed(0)
+    model = mask_rcnn(ds.categories.num_classes, **LIGHT, mask_roi_size=28)
+    shapes: list[tuple[int, ...]] = []
+    model.roi_heads.mask_predictor.register_forward_hook(
+        lambda module, args, out: shapes.append(tuple(out.shape)))
+    model.train()
+    losses = model(images, targets)
+    assert torch.isfinite(losses["loss_mask"])
+    losses["loss_mask"].backward()
+    assert shapes[-1][-2:] == (56, 56) and shapes[-1][1] == ds.categories.num_classes
+    model.eval()
+    with torch.inference_mode():
+        (det,) = model([images[0]])
+    assert shapes[-1][-2:] == (56, 56) and det["masks"].shape[-2:] == images[0].shape[-2:]
+    with pytest.raises(UserError, match="mask_roi_size must be a positive integer, got 0"):
+        mask_rcnn(3, **LIGHT, mask_roi_size=0)

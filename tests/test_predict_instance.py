@@ -175,7 +175,7 @@ def test_results_json_scores_the_same_ap_with_pycocotools_as_eval(
     run = _oracle_run(data, tmp_path / "run", task)
     assert main(["eval", str(run), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert set(metrics) == {*iou_types, f"{iou_types[1]}_AP"}
+    assert set(metrics) == {*iou_types, f"{iou_types[1]}_AP", "per_class"}
     out = tmp_path / "pred"
     assert main(["predict", str(run), str(data / "images" / "val"), "--out", str(out),
                  "--score-threshold", "0", "--json"]) == 0

@@ -210,14 +210,14 @@ def test_eval_reports_coco_ap_for_boxes_and_masks(mask_run: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", str(mask_run), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert set(metrics) == {"bbox", "segm", "segm_AP"}
+    assert set(metrics) == {"bbox", "segm", "segm_AP", "per_class"}
     for iou_type in ("bbox", "segm"):
         assert tuple(metrics[iou_type]) == COCO_STAT_NAMES[iou_type]
     assert metrics["segm_AP"] == metrics["segm"]["AP"]
     assert main(["eval", str(mask_run)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-    assert [line.split()[0] for line in lines[1:]] == ["bbox", "segm"]
+    assert [line.split()[0] for line in lines[1:3]] == ["bbox", "segm"]
 
 
 def test_keypoint_run_keeps_the_schema_and_refuses_other_keypoints(
@@ -230,8 +230,10 @@ def test_keypoint_run_keeps_the_schema_and_refuses_other_keypoints(
     assert config["task"]["schema"]["keypoints"] == names
     assert main(["eval", str(keypoint_run), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert set(metrics) == {"bbox", "keypoints", "keypoints_AP"}
+    assert set(metrics) == {"bbox", "keypoints", "keypoints_AP", "per_class"}
     assert tuple(metrics["keypoints"]) == COCO_STAT_NAMES["keypoints"]
+    (person,) = metrics["per_class"].values()  # one category: its AP is the headline AP
+    assert person["keypoints"]["AP"] == pytest.approx(metrics["keypoints_AP"], abs=1e-12)
 
     other = tmp_path / "five"
     shutil.copytree(keypoint_data, other)
@@ -344,7 +346,7 @@ def test_torchrun_trains_mask_rcnn(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary["steps"] == 1 and summary["images"] == 2
-    assert set(summary["val"]) == {"bbox", "segm", "segm_AP"}
+    assert set(summary["val"]) == {"bbox", "segm", "segm_AP", "per_class"}
     assert (out / "last.safetensors").is_file()
 
 
@@ -359,3 +361,22 @@ def test_evaluation_scores_as_many_detections_as_the_model_keeps() -> None:
     assert evaluation_max_dets(crowded) == 300
     assert evaluation_max_dets(build_model("solov2", num_classes=2, max_detections=250,
                                            **small)) == 250
+
+
+def test_eval_reports_ap_per_class(mask_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each class's AP / AP50 (boxes and masks); the classes' mean AP is the headline AP
+    (pycocotools averages over the categories with ground truth)."""
+    assert main(["eval", str(mask_run), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    per_class = metrics["per_class"]
+    assert list(per_class) == [c["name"] for c in json.loads(
+        (mask_run / "config.json").read_text())["task"]["categories"]]
+    for iou_type in ("bbox", "segm"):
+        aps = [row[iou_type]["AP"] for row in per_class.values() if row[iou_type]["AP"] is not None]
+        assert aps and metrics[iou_type]["AP"] == pytest.approx(sum(aps) / len(aps), abs=1e-12)
+    assert main(["eval", str(mask_run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index("") + 1:]
+    assert table[0].split() == ["class", "bbox", "AP", "bbox", "AP50", "segm", "AP", "segm",
+                                "AP50"]
+    assert [line.split()[0] for line in table[1:]] == list(per_class)

@@ -119,6 +119,16 @@ def _print_panoptic(metrics: dict[str, Any]) -> None:
               f"{_fmt(c['sq']):>7}  {_fmt(c['rq']):>7}  {c['tp']:>5}  {c['fp']:>5}  {c['fn']:>5}")
 
 
+def _print_coco_per_class(per_class: dict[str, Any], iou_types: list[str]) -> None:
+    width = max(10, *(len(name) for name in per_class))
+    heads = [f"{t} {n}" for t in iou_types for n in ("AP", "AP50")]
+    sizes = [max(10, len(h)) + 2 for h in heads]
+    print(f"\n{'class':<{width}}" + "".join(f"{h:>{n}}" for h, n in zip(heads, sizes)))
+    for name, row in per_class.items():
+        cells = [_fmt((row.get(t) or {}).get(n)) for t in iou_types for n in ("AP", "AP50")]
+        print(f"{name:<{width}}" + "".join(f"{c:>{n}}" for c, n in zip(cells, sizes)))
+
+
 def run(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run_dir, args.data, split=args.split, which=args.checkpoint,
                            batch_size=args.batch_size, workers=args.workers, device=args.device,
@@ -141,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
             cells = [_fmt(None if stats.get(n, -1) < 0 else stats[n]) for n in names]
             print(f"{iou_type:<10}" + "".join(f"{c:>8}" for c in cells))
     per_class = metrics.get("per_class") or {}
+    if coco and per_class:  # AP / AP50 of each class and iou type
+        _print_coco_per_class(per_class, list(coco))
+        return 0
     if per_class:
         width = max(10, *(len(name) for name in per_class))
         print(f"\n{'class':<{width}}  {'IoU':>7}  {'Dice':>7}  {'acc':>7}")

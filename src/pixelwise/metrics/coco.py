@@ -285,6 +285,20 @@ class _Setup:
         names = stat_names(self.iou_type, self.max_dets)
         return {name: float(v) for name, v in zip(names, stats, strict=True)}
 
+    def per_category(self, ev: Any) -> dict[int, dict[str, float | None]]:
+        """AP and AP50 of each category id of an accumulated `ev` (None for a category without
+        ground truth), as detectron2's per-category table reads them: the precision table
+        (T, R, K, A, M) at area "all" and the largest detection limit, -1 entries left out."""
+        precision = ev.eval["precision"][:, :, :, 0, -1]  # (T, R, K)
+        out: dict[int, dict[str, float | None]] = {}
+        for k, cat_id in enumerate(ev.params.catIds):
+            values = {}
+            for name, table in (("AP", precision[:, :, k]), ("AP50", precision[0, :, k])):
+                kept = table[table > -1]
+                values[name] = float(np.mean(kept)) if kept.size else None
+            out[cat_id] = values
+        return out
+
 
 def _stats_at_own_max_dets(ev: Any, iou_type: str) -> list[float]:
     """`COCOeval.summarize()`'s stats from `ev.eval` for any `params.maxDets`.
@@ -416,6 +430,12 @@ class CocoEvaluator:
 
     def compute(self) -> dict[str, float]:
         """The stats by name, as :func:`coco_evaluate` gives them."""
+        return self.compute_with_categories()[0]
+
+    def compute_with_categories(self) -> tuple[dict[str, float],
+                                               dict[int, dict[str, float | None]]]:
+        """The stats by name (as `compute`) and the AP / AP50 of each category id
+        (`_Setup.per_category`), from one accumulation."""
         rest = [i for i in self._setup.image_ids if i not in self._tables]
         tables = dict(self._tables)
         if rest:  # ground-truth images nobody predicted on: no detections
@@ -431,4 +451,5 @@ class CocoEvaluator:
         ev._paramsEval = copy.deepcopy(ev.params)
         stacked = np.stack([tables[i] for i in ids], axis=-1)  # (cat, area, image)
         ev.evalImgs = list(stacked.ravel())
-        return self._setup.summarize(ev)
+        stats = self._setup.summarize(ev)  # accumulates
+        return stats, self._setup.per_category(ev)

@@ -281,6 +281,7 @@ def mask_rcnn(
     fpn_channels: int = 256,
     upsample: UpsampleArg = "transposed",
     mask_head_layers: Sequence[int] = (256, 256, 256, 256),
+    mask_roi_size: int = 14,
     head_norm: str | None = None,
     box_head_convs: int = 0,
     anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
@@ -307,6 +308,9 @@ def mask_rcnn(
 
     num_classes counts the background (K + 1). upsample: the mask predictor's upsampler
     (`rcnn_heads.MaskPredictor`). mask_head_layers: channels of the 3x3 convs before it.
+    mask_roi_size: the mask branch's RoIAlign output side; masks are predicted (and trained) at
+    twice it (14: the paper's 28 x 28; 28 gives 56 x 56 masks, 4x the mask head's cost, for
+    thin parts such as limbs).
     fpn_channels: the FPN's width (256 as torchvision; 128 halves the cost on small images).
     head_norm: "bn" or "gn" normalises the FPN and the mask (and conv box) head, as
     torchvision's v2 Mask R-CNN (BN) and training from scratch (He et al. 2019, GN) do; None
@@ -319,7 +323,8 @@ def mask_rcnn(
     path of `fast_postprocess`.
     """
     settings = dict(locals())  # the RPN / box options are passed on as they are (RPN_BOX_OPTIONS)
-    _check_positive(num_classes=num_classes, box_detections_per_img=box_detections_per_img)
+    _check_positive(num_classes=num_classes, box_detections_per_img=box_detections_per_img,
+                    mask_roi_size=mask_roi_size)
     body, kwargs = _common(num_classes, backbone, weights, trainable_layers, in_channels,
                            anchor_sizes, aspect_ratios, image_mean, image_std, fpn_channels,
                            head_norm, box_head_convs)
@@ -328,7 +333,8 @@ def mask_rcnn(
         body, None,
         min_size=min_size, max_size=max_size, mask_threshold=mask_threshold, fast=fast,
         **_pick(settings, RPN_BOX_OPTIONS),
-        mask_roi_pool=MultiScaleRoIAlign(body.featmap_names, output_size=14, sampling_ratio=2),
+        mask_roi_pool=MultiScaleRoIAlign(body.featmap_names, output_size=mask_roi_size,
+                                         sampling_ratio=2),
         mask_head=MaskRCNNHeads(body.out_channels, layers, 1, norm_layer=norm_layer(head_norm)),
         mask_predictor=MaskPredictor(layers[-1], num_classes, upsample),
         **kwargs,

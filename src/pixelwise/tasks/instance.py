@@ -412,9 +412,11 @@ class InstanceTask:
     def evaluate(self, model: nn.Module, batches: Iterable, *, device: torch.device,
                  amp: bool = False, max_dets: int | None = None) -> dict[str, Any]:
         """COCO AP of `model` on `batches` (this rank's share; the per-image match tables of
-        all ranks are merged). Returns ``{iou_type: {AP, AP50, ...}}`` for `iou_types` and
-        ``best_metric`` (the headline AP) at the top level. `max_dets`: detections scored per
-        image (None: `evaluation_max_dets(model)`; keypoints keep COCO's 20)."""
+        all ranks are merged). Returns ``{iou_type: {AP, AP50, ...}}`` for `iou_types`,
+        ``best_metric`` (the headline AP) at the top level and ``per_class``:
+        ``{category name: {iou_type: {AP, AP50}}}`` (None where a class has no ground truth).
+        `max_dets`: detections scored per image (None: `evaluation_max_dets(model)`; keypoints
+        keep COCO's 20)."""
         from pixelwise.engine.distributed import all_gather_objects
         from pixelwise.metrics.coco import CocoEvaluator
 
@@ -468,9 +470,17 @@ class InstanceTask:
                 continue
             for iou_type, tables in shard[1].items():
                 evaluators[iou_type]._tables.update(tables)
-        metrics: dict[str, Any] = {t: e.compute() for t, e in evaluators.items()}
+        metrics: dict[str, Any] = {}
+        per_class: dict[str, dict[str, Any]] = {}
+        for iou_type, evaluator in evaluators.items():
+            metrics[iou_type], by_id = evaluator.compute_with_categories()
+            for cat_id, values in by_id.items():
+                name = (self.categories.names[self.categories.to_label(cat_id)]
+                        if cat_id in self.categories else str(cat_id))
+                per_class.setdefault(name, {})[iou_type] = values
         head_type = self.best_metric.rsplit("_", 1)[0]
         metrics[self.best_metric] = metrics[head_type]["AP"]
+        metrics["per_class"] = per_class
         return metrics
 
 
