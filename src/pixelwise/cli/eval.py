@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pixelwise.cli._common import add_json_flag, add_tta_flags, emit_json

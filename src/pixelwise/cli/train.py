@@ -81,6 +81,9 @@ TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
                                         "(ClassMix; semantic; e.g. 0.5)"),
     ("--mix-classes", "mix_classes", _names, "comma-separated class names: --class-mix pastes "
                                              "all of these instead (copy-paste of things)"),
+    ("--copy-paste", "copy_paste", float, "probability that a training image gets some objects "
+                                          "of another one pasted on (Simple Copy-Paste; "
+                                          "instance task; e.g. 0.5)"),
     ("--clip-grad", "clip_grad", float, "clip the gradient norm to this value"),
     ("--ema", "ema", float, "validate and save an exponential moving average of the weights "
                             "with this decay (e.g. 0.999; warmed up over the first steps)"),

@@ -86,6 +86,18 @@ def turn_randomly(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     return wrap_like(out[0], image), wrap_like(out[1], mask)
 
 
+def pick_partner(dataset: Dataset, index: int, p: float) -> tuple[Any, Any]:
+    """`dataset[index]` and, with probability `p`, another random item of `dataset` to mix into
+    it (None: no mixing this time, a bad (None) sample, or a dataset of one item)."""
+    sample = dataset[index]
+    n = len(dataset)  # type: ignore[arg-type]
+    if sample is None or n < 2 or float(torch.rand(())) >= p:
+        return sample, None
+    other = int(torch.randint(n - 1, ()))
+    other += other >= index  # any item but this one
+    return sample, dataset[other]
+
+
 class ClassMix(Dataset):
     """Wraps a semantic dataset of `(image (C, H, W), mask (H, W))`; with probability `p` an item
     gets the pixels of some classes of another random item pasted on (see the module docstring).
@@ -117,13 +129,7 @@ class ClassMix(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
-        sample = self.dataset[index]
-        n = len(self)
-        if sample is None or n < 2 or float(torch.rand(())) >= self.p:
-            return sample
-        other = int(torch.randint(n - 1, ()))
-        other += other >= index  # any item but this one
-        source = self.dataset[other]
+        sample, source = pick_partner(self.dataset, index, self.p)
         if source is None:
             return sample
         (image, mask), (source_image, source_mask) = sample, source

@@ -43,8 +43,8 @@ from pixelwise.atomic import write_json, write_text
 from pixelwise.engine import distributed
 from pixelwise.engine.checkpoint import load_checkpoint, save_checkpoint
 from pixelwise.engine.config import TrainConfig
-from pixelwise.engine.ema import WeightAverage
 from pixelwise.engine.curves import plot_curves, read_metrics
+from pixelwise.engine.ema import WeightAverage
 from pixelwise.engine.loader import (
     DropBadSamples,
     EpochSampler,
@@ -561,6 +561,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     cache = {"cache": cfg.cache} if semantic else {}
     train_set = task.dataset(cfg.data, "train", size=cfg.size, train=True, skip_bad=cfg.skip_bad,
                              **augment, **cache)
+    if cfg.copy_paste:
+        from pixelwise.data.copy_paste import CopyPaste
+
+        train_set = CopyPaste(train_set, cfg.copy_paste)
     if cfg.skip_bad:
         train_set = ReplaceBadSamples(train_set)
     val_set = None
