@@ -450,3 +450,19 @@ def test_enlarge_small_repeats_pixels_up_to_the_minimum_side():
     np.testing.assert_array_equal(big[6::7, 6::7], rgb)
     assert enlarge_small(rgb, min_side=40) is rgb
     assert enlarge_small(np.zeros((2, 2, 3), np.uint8)).shape == (16, 16, 3)  # at most 8x
+
+
+def test_validation_curves_keep_the_headline_figures() -> None:
+    from pixelwise.engine.curves import validation_series
+
+    coco = {name: 0.1 * i for i, name in enumerate(("AP", "AP50", "AP75", "APs", "AR100"))}
+    records = [
+        {"epoch": 1, "val": {"bbox": coco, "segm": coco, "segm_AP": 0.0, "per_class": {}}},
+        {"epoch": 1, "val": {"pq": 0.5, "all": {"pq": 0.5, "sq": 0.8, "rq": 0.6, "n": 7},
+                             "things": {"pq": 0.4, "n": 4}}},
+        {"epoch": 1, "val": {"miou": 0.7, "dice": 0.8, "per_class": {"sky": {"iou": 0.9}}}},
+    ]
+    assert list(validation_series(records[:1])) == ["bbox/AP", "bbox/AP50", "segm/AP",
+                                                    "segm/AP50"]
+    assert list(validation_series(records[1:2])) == ["all/pq", "things/pq"]  # pq repeats all/pq
+    assert validation_series(records[2:]) == {"miou": [(1.0, 0.7)], "dice": [(1.0, 0.8)]}

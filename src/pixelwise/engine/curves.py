@@ -12,6 +12,9 @@ from pixelwise.atomic import atomic_path
 
 # nested metric groups that are tables, not curves
 _SKIP = {"per_class", "per_category", "per_class_pq"}
+# of a nested group (COCO's bbox / segm / keypoints, panoptic's all / things / stuff), the
+# figures drawn: the other dozen COCO stats and the segment counts would bury them
+_HEADLINE = ("AP", "AP50", "pq")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -44,6 +47,16 @@ def scalar_series(records: list[dict[str, Any]], group: str
     return series
 
 
+def validation_series(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """The validation curves drawn: every top-level number (semantic: miou, accuracies, dice),
+    of nested groups only `_HEADLINE` (e.g. segm/AP, segm/AP50, things/pq), and no top-level
+    series that repeats a nested one (segm_AP = segm/AP, pq = all/pq)."""
+    series = scalar_series(records, "val")
+    nested = [points for name, points in series.items() if "/" in name]
+    return {name: points for name, points in series.items()
+            if (name.split("/", 1)[1] in _HEADLINE if "/" in name else points not in nested)}
+
+
 def plot_curves(records: list[dict[str, Any]], out: str | os.PathLike, title: str = "") -> Path:
     """Write the curves PNG to `out` atomically (temporary file, then `os.replace`)."""
     import matplotlib
@@ -53,7 +66,7 @@ def plot_curves(records: list[dict[str, Any]], out: str | os.PathLike, title: st
 
     out = Path(out)
     train = scalar_series(records, "train")
-    val = scalar_series(records, "val")
+    val = validation_series(records)
     lr = [(float(r.get("epoch", 0.0)), float(r["lr"])) for r in records if "lr" in r]
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.0))
