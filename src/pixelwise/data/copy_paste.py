@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from pixelwise.data.transforms import wrap_like
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -101,8 +102,7 @@ def paste_objects(image: torch.Tensor, target: dict[str, Any], source_image: tor
     out["labels"] = torch.cat([target["labels"][stays], source_target["labels"][keep]])
     out["iscrowd"] = torch.cat([target["iscrowd"][stays], source_target["iscrowd"][keep]])
     out["area"] = torch.cat([area[stays], pasted.flatten(1).sum(1).to(area.dtype)])
-    return tv_tensors.wrap(new_image, like=image) if isinstance(image, tv_tensors.Image) \
-        else new_image, out
+    return wrap_like(new_image, image), out
 
 
 class CopyPaste(Dataset):
