@@ -77,7 +77,9 @@ RECIPES: dict[str, Recipe] = {
         "instance", "mask_rcnn", 20, {"segm.AP50": 0.9, "segm.AP": 0.6}, {"num": 400},
         # BatchNorm in the FPN and the mask head: 20 minutes, segm AP50 0.517 / AP 0.335
         # (1249 steps); without: 0.457 / 0.288 (1223 steps). Tried, not kept: copy_paste 0.5
-        # 0.523 / 0.341 (1198 steps, within noise), mask_roi_size 28 0.390 / 0.238 (865)
+        # 0.523 / 0.341 (1198 steps, within noise), mask_roi_size 28 0.390 / 0.238 (865),
+        # ema 0.999 0.435 / 0.277 (1152; that run's trained weights 0.444 / 0.281: runs of
+        # this recipe differ by ~0.07 AP50)
         {**RCNN, "head_norm": "bn"},
         {"batch_size": 4, "lr": 5e-4, "clip_grad": 10.0}),
     "instance-solov2": Recipe(

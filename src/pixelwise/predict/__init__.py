@@ -26,6 +26,7 @@ from pixelwise.predict.instance import InstancePredictor
 from pixelwise.predict.panoptic import PanopticPredictor
 from pixelwise.predict.semantic import SemanticPredictor
 from pixelwise.predict.tiling import PAD_MODES, min_overlap, output_stride, predict_tiled
+from pixelwise.predict.tta import TTA, AugmentedModel
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,6 @@ def predict_files(
     return {"out": str(out), "count": len(rows), "images": rows, "failed": failed}
 
 
-__all__ = ["IMAGE_SUFFIXES", "PAD_MODES", "PREDICTORS", "SemanticPredictor", "check_outputs",
-           "expand_inputs", "make_predictor", "min_overlap", "output_stride", "predict_files",
-           "predict_tiled"]
+__all__ = ["IMAGE_SUFFIXES", "PAD_MODES", "PREDICTORS", "TTA", "AugmentedModel",
+           "SemanticPredictor", "check_outputs", "expand_inputs", "make_predictor", "min_overlap",
+           "output_stride", "predict_files", "predict_tiled"]
