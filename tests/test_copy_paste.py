@@ -12,7 +12,8 @@ import torch
 from torchvision import tv_tensors
 
 from pixelwise.cli import EXIT_USER_ERROR, main
-from pixelwise.data.copy_paste import CopyPaste, mask_boxes, paste_objects
+from pixelwise.data.copy_paste import CopyPaste, paste_objects
+from pixelwise.data.transforms import mask_boxes
 from pixelwise.engine.config import TrainConfig
 from pixelwise.engine.loader import SeededDataset
 from pixelwise.errors import UserError

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pixelwise.data.transforms import wrap_like
+from pixelwise.data.wrapper import DatasetWrapper
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def pick_partner(dataset: Dataset, index: int, p: float) -> tuple[Any, Any]:
     return sample, dataset[other]
 
 
-class ClassMix(Dataset):
+class ClassMix(DatasetWrapper):
     """Wraps a semantic dataset of `(image (C, H, W), mask (H, W))`; with probability `p` an item
     gets the pixels of some classes of another random item pasted on (see the module docstring).
 
@@ -118,15 +119,12 @@ class ClassMix(Dataset):
             raise UserError(f"class mix probability must be in [0, 1], got {p}")
         if classes is not None and not list(classes):
             raise UserError("class mix: the list of classes to paste is empty")
-        self.dataset = dataset
+        super().__init__(dataset)
         self.p = float(p)
         self.classes = None if classes is None else [int(c) for c in classes]
         self.ignore_index = ignore_index
         self.turn = bool(turn)
         self._size_warned = False
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
         sample, source = pick_partner(self.dataset, index, self.p)
@@ -143,8 +141,3 @@ class ClassMix(Dataset):
             source_image, source_mask = turn_randomly(source_image, source_mask)
         chosen = choose_classes(source_mask, classes=self.classes, ignore_index=self.ignore_index)
         return paste_classes(image, mask, source_image, source_mask, chosen)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "dataset":  # not set yet (unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.dataset, name)

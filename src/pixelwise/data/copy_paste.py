@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from pixelwise.data.transforms import wrap_like
+from pixelwise.data.transforms import mask_boxes, wrap_like
+from pixelwise.data.wrapper import DatasetWrapper
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -42,17 +43,6 @@ def _place(size: int, source_size: int) -> tuple[int, int, int]:
         return offset, 0, source_size
     start = int(torch.randint(source_size - size + 1, ()))
     return 0, start, size
-
-
-def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) masks, each non-empty -> (N, 4) float32 XYXY boxes with exclusive right and
-    bottom edges (`torchvision.ops.masks_to_boxes` gives the last pixel: + 1)."""
-    from torchvision.ops import masks_to_boxes
-
-    if masks.shape[0] == 0:
-        return torch.zeros(0, 4)
-    boxes = masks_to_boxes(masks.as_subclass(torch.Tensor).bool())  # (N, 4) last-pixel edges
-    return boxes + torch.tensor([0.0, 0.0, 1.0, 1.0])
 
 
 def paste_objects(image: torch.Tensor, target: dict[str, Any], source_image: torch.Tensor,
@@ -105,7 +95,7 @@ def paste_objects(image: torch.Tensor, target: dict[str, Any], source_image: tor
     return wrap_like(new_image, image), out
 
 
-class CopyPaste(Dataset):
+class CopyPaste(DatasetWrapper):
     """Wraps an instance dataset of `(image (C, H, W), target)` with masks; with probability
     `p` an item gets some objects of another random item pasted on (`paste_objects`). A bad
     (None) source leaves the item as it is. Randomness comes from the global torch generator,
@@ -114,18 +104,9 @@ class CopyPaste(Dataset):
     def __init__(self, dataset: Dataset, p: float = 0.5, *, min_area: int = 1) -> None:
         if not 0.0 <= p <= 1.0:
             raise UserError(f"copy-paste probability must be in [0, 1], got {p}")
-        self.dataset = dataset
+        super().__init__(dataset)
         self.p = float(p)
         self.min_area = int(min_area)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:
-        # the wrapped dataset's attributes (categories, annotation_file, ...) stay reachable
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
     def __getitem__(self, index: int) -> Any:
         from pixelwise.data.class_mix import pick_partner

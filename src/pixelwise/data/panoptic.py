@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 from torchvision import tv_tensors
-from torchvision.ops import masks_to_boxes
 
 from pixelwise.data.check import panoptic_png_problems, refuse_or_skip
 from pixelwise.data.coco import CategoryMap, TransformFn, _is_int, load_coco_json
 from pixelwise.data.images import DEFAULT_MAX_PIXELS, image_to_float, read_image
 from pixelwise.data.layout import BadFileError, Problem, safe_join
+from pixelwise.data.transforms import mask_boxes
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -238,8 +238,7 @@ class CocoPanoptic(torch.utils.data.Dataset):
         ids_t = torch.from_numpy(ids)
         seg_ids = torch.tensor([seg["id"] for seg in things], dtype=torch.int64)
         masks = (ids_t.unsqueeze(0) == seg_ids.view(-1, 1, 1)).to(torch.uint8)  # (N, H, W)
-        boxes = masks_to_boxes(masks) if len(things) else torch.zeros(0, 4)
-        boxes[:, 2:] += 1  # masks_to_boxes gives the last pixel; a box ends after it
+        boxes = mask_boxes(masks)  # (N, 4), ending after the last pixel
         return {
             "boxes": tv_tensors.BoundingBoxes(boxes.to(torch.float32),
                                               format=tv_tensors.BoundingBoxFormat.XYXY,

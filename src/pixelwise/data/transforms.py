@@ -156,6 +156,17 @@ class JointTransform:
             target["area"] = area.to(torch.float32)
 
 
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) masks, each non-empty -> (N, 4) float32 XYXY boxes with exclusive right and
+    bottom edges, as COCO boxes (`torchvision.ops.masks_to_boxes` gives the last pixel: + 1)."""
+    from torchvision.ops import masks_to_boxes
+
+    if masks.shape[0] == 0:
+        return torch.zeros(0, 4)
+    boxes = masks_to_boxes(masks.as_subclass(torch.Tensor).bool())  # (N, 4) last-pixel edges
+    return boxes + torch.tensor([0.0, 0.0, 1.0, 1.0])
+
+
 def wrap_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`value` as the tv_tensor type of `like`, when `like` is one (torch ops return plain
     tensors)."""

@@ -68,11 +68,7 @@ class WeightAverage:
         weight = 1.0 - ema_decay(self.decay, int(updates))
         torch._foreach_lerp_(averaged, current, weight)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The averaged model's state dict (the weights to evaluate and ship)."""
-        return self.module.state_dict()
-
     def load(self, weights: dict[str, torch.Tensor], updates: int) -> None:
-        """Restore an average saved by `state_dict` after `updates` updates (resume)."""
+        """Restore an average (`module.state_dict()`) saved after `updates` updates (resume)."""
         self.module.load_state_dict(weights)
         self._averaged.n_averaged.fill_(int(updates))

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from pixelwise.data.check import skip_none
+from pixelwise.data.wrapper import DatasetWrapper
 from pixelwise.engine.seed import derive_seed, seeded, worker_init_fn
 from pixelwise.errors import UserError
 
@@ -45,16 +46,10 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
-class ReplaceBadSamples(Dataset):
+class ReplaceBadSamples(DatasetWrapper):
     """Item `i` of `dataset`, or when that is None (a bad sample the dataset logged) the first
     good one after it (wrapping around): deterministic, so resume and DDP are unaffected.
     Other attributes are the wrapped dataset's."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
         n = len(self)
@@ -63,11 +58,6 @@ class ReplaceBadSamples(Dataset):
             if sample is not None:
                 return sample
         raise UserError("every sample of the training set is bad (see `pixelwise data check`)")
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "dataset":  # not set yet (unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
 
 class DropBadSamples:
