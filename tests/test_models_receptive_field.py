@@ -60,10 +60,12 @@ def test_unet_bound_is_reached(upsample: str) -> None:
     assert max(max(s) for s in seen) == rf.size
 
 
-def test_unet_input_scale_bound_is_reached() -> None:
-    """input_scale 1/2: the pool and the final bilinear x 2 join the path (output stride x 2); the
-    bound is still reached over one period of positions."""
-    model = build_model("unet", 2, depth=2, width=2, input_scale=0.5)
+@pytest.mark.parametrize("stem", ["pool", "unshuffle"])
+def test_unet_input_scale_bound_is_reached(stem: str) -> None:
+    """input_scale 1/2: the pool (or unshuffle: the same 2 x 2 blocks) and the final bilinear x 2
+    join the path (output stride x 2); the bound is still reached over one period of
+    positions."""
+    model = build_model("unet", 2, depth=2, width=2, input_scale=0.5, input_stem=stem)
     rf = receptive_field(model)
     assert rf.output_stride == 8
     seen = [empirical_receptive_field(model, (160, 160), position=(76 + i, 76 + i))

@@ -99,6 +99,43 @@ def test_input_scale_runs_the_network_on_the_pooled_image() -> None:
     assert half.config["input_scale"] == 0.5
 
 
+def test_unshuffle_stem_runs_the_network_on_the_stacked_blocks() -> None:
+    """input_stem "unshuffle": the encoder sees each 2x2 block's pixels as 4 x C channels
+    (channel c * 4 + 2i + j holds pixel (2r + i, 2s + j) of channel c, stacked by a hand loop),
+    its logits upsampled x 2 as with the pool."""
+    torch.manual_seed(0)
+    model = build_model("unet", num_classes=3, width=4, depth=2, input_scale=0.5,
+                        input_stem="unshuffle").eval().double()
+    assert next(model.encoder.parameters()).shape[1] == 12 and model.in_channels == 3
+    x = torch.rand(2, 3, 24, 32, dtype=torch.float64)
+    stacked = torch.empty(2, 12, 12, 16, dtype=torch.float64)
+    for c in range(3):
+        for i in range(2):
+            for j in range(2):
+                stacked[:, c * 4 + 2 * i + j] = x[:, c, i::2, j::2]
+    with torch.no_grad():
+        inner = super(type(model), model).forward(stacked)
+        expected = F.interpolate(inner, scale_factor=2, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
+        assert model(torch.rand(1, 3, 37, 50, dtype=torch.float64)).shape == (1, 3, 37, 50)
+    assert model.config["input_stem"] == "unshuffle"
+
+
+def test_unshuffle_stem_sees_what_the_pool_averages_away() -> None:
+    """Swapping the pixels inside every 2x2 block (the mirror image of each block) leaves the
+    pool's output unchanged and changes the unshuffle stem's: only the latter can tell shapes
+    smaller than a block apart."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 16, 16)
+    swapped = x.clone()
+    swapped[..., 0::2], swapped[..., 1::2] = x[..., 1::2], x[..., 0::2]
+    with torch.no_grad():
+        for stem, same in (("pool", True), ("unshuffle", False)):
+            model = build_model("unet", num_classes=2, width=4, depth=2, input_scale=0.5,
+                                input_stem=stem).eval()
+            assert torch.allclose(model(x), model(swapped), atol=1e-6) is same, stem
+
+
 def test_input_scale_refusals() -> None:
     with pytest.raises(UserError, match="input_scale must be 1/k"):
         build_model("unet", num_classes=2, width=4, depth=2, input_scale=0.3)
@@ -106,3 +143,5 @@ def test_input_scale_refusals() -> None:
         build_model("unet", num_classes=2, width=4, depth=2, input_scale=2)
     with pytest.raises(UserError, match="applies to padding 'same' only"):
         build_model("unet", num_classes=2, width=4, depth=2, padding="valid", input_scale=0.5)
+    with pytest.raises(UserError, match="input_stem.*pool, unshuffle"):
+        build_model("unet", num_classes=2, width=4, depth=2, input_scale=0.5, input_stem="max")

@@ -42,6 +42,8 @@ MODEL_OPTION_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--tile", "tile", int, "unet valid: input tile size for overlap-tile prediction"),
     ("--input-scale", "input_scale", float, "unet: run on the image pooled to this scale "
                                             "(1/k: 0.5, 0.25) and upsample the logits"),
+    ("--input-stem", "input_stem", str, "unet with --input-scale: pool (average k x k blocks; "
+                                        "default) or unshuffle (stack them as channels)"),
     ("--decoder-channels", "decoder_channels", _ints, "unet: comma-separated widths per block"),
     ("--norm", "norm", str, "batch (default) or none"),
     ("--weights", "weights", str, "local torchvision encoder weights (.safetensors or .pth)"),

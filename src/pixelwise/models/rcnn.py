@@ -3,12 +3,14 @@
 `mask_rcnn(num_classes, ...)` and `keypoint_rcnn(num_classes, ...)` assemble torchvision's
 RPN, `MultiScaleRoIAlign`, RoI heads and FPN around a `build_fpn_backbone` backbone, with the
 mask / keypoint predictor's upsampler picked by name (`rcnn_heads`). The model classes are
-torchvision's, with four differences:
+torchvision's, with five differences:
 
 * eval runs `FastRoIHeads` / `RCNNTransform` (``fast=True``, see `fast_postprocess`): the same
   detections as torchvision, computed faster on CPU;
 * masks are pasted into the image as probabilities and thresholded there, at full resolution
   (``mask_threshold``, default 0.5, gives bool masks; None gives torchvision's probabilities);
+* RoIAlign splits the RoIs between torch's CPU threads (`ParallelMultiScaleRoIAlign`: the
+  same pooled features; torchvision's kernel runs on one thread), in training and eval;
 * ``min_size=None`` (the default) keeps images at their own size (torchvision resizes the
   short side to 800 px);
 * targets are cleaned before torchvision sees them: crowd instances (``iscrowd`` = 1) and
@@ -46,11 +48,11 @@ from torchvision.models.detection.faster_rcnn import (
 )
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
-from torchvision.ops import MultiScaleRoIAlign
 
 from pixelwise.data.keypoints import DEFAULT_SIGMA, KeypointSchema
 from pixelwise.errors import UserError, unknown_name
 from pixelwise.models.fast_postprocess import FastRoIHeads, RCNNTransform
+from pixelwise.ops.roi_align import ParallelMultiScaleRoIAlign
 from pixelwise.models.fpn_backbone import build_fpn_backbone
 from pixelwise.models.rcnn_heads import KeypointPredictor, MaskPredictor, UpsampleArg
 
@@ -233,7 +235,8 @@ def _common(
     kwargs = {
         "rpn_anchor_generator": anchors,
         "rpn_head": RPNHead(body.out_channels, anchors.num_anchors_per_location()[0]),
-        "box_roi_pool": MultiScaleRoIAlign(body.featmap_names, output_size=7, sampling_ratio=2),
+        "box_roi_pool": ParallelMultiScaleRoIAlign(body.featmap_names, output_size=7,
+                                                   sampling_ratio=2),
         # box_head None: torchvision's TwoMLPHead (1024), built by FasterRCNN
         "box_head": None if box_head_convs == 0 else FastRCNNConvFCHead(
             (body.out_channels, 7, 7), [body.out_channels] * box_head_convs,
@@ -333,8 +336,8 @@ def mask_rcnn(
         body, None,
         min_size=min_size, max_size=max_size, mask_threshold=mask_threshold, fast=fast,
         **_pick(settings, RPN_BOX_OPTIONS),
-        mask_roi_pool=MultiScaleRoIAlign(body.featmap_names, output_size=mask_roi_size,
-                                         sampling_ratio=2),
+        mask_roi_pool=ParallelMultiScaleRoIAlign(body.featmap_names, output_size=mask_roi_size,
+                                                 sampling_ratio=2),
         mask_head=MaskRCNNHeads(body.out_channels, layers, 1, norm_layer=norm_layer(head_norm)),
         mask_predictor=MaskPredictor(layers[-1], num_classes, upsample),
         **kwargs,
@@ -411,8 +414,8 @@ def keypoint_rcnn(
         body, None,
         min_size=min_size, max_size=max_size, fast=fast, schema=schema,
         **_pick(settings, RPN_BOX_OPTIONS),
-        keypoint_roi_pool=MultiScaleRoIAlign(body.featmap_names, output_size=14,
-                                             sampling_ratio=2),
+        keypoint_roi_pool=ParallelMultiScaleRoIAlign(body.featmap_names, output_size=14,
+                                                     sampling_ratio=2),
         keypoint_head=KeypointRCNNHeads(body.out_channels, layers),
         keypoint_predictor=KeypointPredictor(layers[-1], schema.num_keypoints, upsample),
         **kwargs,

@@ -21,11 +21,14 @@ from torch import nn
 from pixelwise.decoders._upsample import UpsampleArg, needs_indices, per_stage
 from pixelwise.decoders.unet import UNetDecoder
 from pixelwise.encoders import Encoder
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, unknown_name
 from pixelwise.models._encoder_options import build_encoder
 from pixelwise.models.base import EncoderDecoder
 from pixelwise.models.receptive_field import Layer
 from pixelwise.models.tiling import mirror_pad, overlap_tile
+
+
+INPUT_STEMS = ("pool", "unshuffle")
 
 
 def valid_output_size(n: int, depth: int, convs: int = 2) -> int | None:
@@ -56,15 +59,19 @@ def smallest_valid_input(at_least: int, depth: int, convs: int = 2) -> int:
 class UNet(EncoderDecoder):
     """encoder -> UNetDecoder -> 1x1 conv. (N, C, H, W) -> (N, K, H, W) in both padding modes.
 
-    `input_scale` 1/k ("same" padding): the network runs on the image average-pooled k x k
+    `input_scale` 1/k ("same" padding): the network runs on a k-times smaller map of the image
     (edge-replicated to a multiple of k first) and its logits are upsampled x k (bilinear,
     pixel centres aligned) and cropped to (H, W): k^2 less compute, and each unit sees k times
     more of the image, for coarser boundaries (DeepLab and SegFormer predict at 1/4 or 1/8 too).
+    `input_stem` makes that map: "pool" averages each k x k block (small shapes blur away);
+    "unshuffle" stacks the block's pixels as channels (space-to-depth, `F.pixel_unshuffle`:
+    (N, C, H, W) -> (N, C k^2, H/k, W/k), as YOLOv5's Focus layer), so nothing is lost and the
+    first convolution learns the downsampling, for the cost of C k^2 input channels there.
     """
 
     def __init__(
         self, encoder: Encoder, decoder: UNetDecoder, num_classes: int, *, tile: int | None = None,
-        input_scale: float = 1.0,
+        input_scale: float = 1.0, input_stem: str = "pool",
     ) -> None:
         super().__init__(encoder, decoder, num_classes)
         self.padding = encoder.padding
@@ -75,8 +82,13 @@ class UNet(EncoderDecoder):
                             f"0.25, ...), got {input_scale}")
         if factor > 1 and self.padding == "valid":
             raise UserError("unet: input_scale applies to padding 'same' only")
+        if input_stem not in INPUT_STEMS:
+            raise unknown_name("unet input_stem", input_stem, INPUT_STEMS)
         self.input_factor = factor
-        self.input_pool = nn.AvgPool2d(factor) if factor > 1 else None
+        self.input_stem = input_stem
+        # the map the network runs on (None: the image itself)
+        self.input_pool = (None if factor == 1 else nn.AvgPool2d(factor) if input_stem == "pool"
+                           else nn.PixelUnshuffle(factor))
         if self.padding == "valid":
             self.depth = len(encoder.output_shape()) - 1
             self.convs = encoder.convs
@@ -129,8 +141,10 @@ class UNet(EncoderDecoder):
     def rf_path(self) -> list[Any]:
         if self.input_pool is None:
             return super().rf_path()
-        # the pool, the network, then the logits' bilinear x k (2 input units per output unit)
-        return [self.input_pool, *super().rf_path(), Layer(2, Fraction(1, self.input_factor))]
+        # the pool (or unshuffle: a k x k block, stride k), the network, then the logits'
+        # bilinear x k (2 input units per output unit)
+        k = self.input_factor
+        return [Layer(k, Fraction(k)), *super().rf_path(), Layer(2, Fraction(1, k))]
 
 
 def _default_decoder_channels(encoder: Encoder, n_blocks: int) -> list[int]:
@@ -154,19 +168,24 @@ def unet(
     weights: str | Path | None = None,
     tile: int | None = None,
     input_scale: float = 1.0,
+    input_stem: str = "pool",
 ) -> UNet:
     """U-Net: encoder-decoder with concatenated skips, "same" or "valid" (overlap-tile) padding.
 
     Plain encoder (depth 4, width 32 by default; the paper: width 64) or a torchvision one; decoder
     blocks upsample to the skip's size with `upsample` (one name or one per block).
-    `input_scale` 1/k runs the network on the image pooled k x k and upsamples its logits.
+    `input_scale` 1/k runs the network on a k-times smaller map of the image (`input_stem`:
+    "pool" averages k x k blocks, "unshuffle" stacks them as channels) and upsamples its logits.
     """
     names = upsample if isinstance(upsample, (list, tuple)) else [upsample]
     record = any(needs_indices(n) for n in per_stage(names, len(names), "unet"))
+    # "unshuffle" feeds the encoder k^2 times the channels (validated by UNet below)
+    factor = round(1 / input_scale) if input_scale > 0 else 1
+    stacked = factor**2 if input_stem == "unshuffle" and factor >= 1 else 1
     enc = build_encoder(
         "unet",
         encoder,
-        in_channels,
+        in_channels * stacked,
         depth=depth,
         width=width,
         default_depth=4,
@@ -184,6 +203,7 @@ def unet(
         else _default_decoder_channels(enc, n_blocks)
     )
     dec = UNetDecoder(shapes, channels, upsample=upsample, padding=padding, norm=norm)
-    model = UNet(enc, dec, num_classes, tile=tile, input_scale=input_scale)
+    model = UNet(enc, dec, num_classes, tile=tile, input_scale=input_scale,
+                 input_stem=input_stem)
     model.in_channels = in_channels
     return model

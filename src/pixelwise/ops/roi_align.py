@@ -1,0 +1,142 @@
+"""RoIAlign on several CPU threads: torchvision's kernel, the RoIs split between threads.
+
+torchvision's CPU `roi_align` (forward and backward) is one loop over the RoIs on one thread, so
+with 2+ torch threads it leaves cores idle: in Mask R-CNN's eval at 256 x 256 the box branch's
+1000 proposals alone take ~0.14 s of ~0.9 s (`benchmarks/instance.py`). Each RoI's output depends
+on that RoI alone, so the RoIs are split into one contiguous chunk per thread and each chunk is
+pooled by torchvision's own kernel (`torch.ops.torchvision.roi_align`, which releases the GIL) on
+a thread of a small pool: the forward output is bit-identical. The backward pass runs
+torchvision's `_roi_align_backward` per chunk the same way; each chunk returns a gradient for the
+whole feature map and those are summed, so the input gradient equals torchvision's up to the
+order of float additions where RoIs of different chunks overlap.
+
+Written here because neither torch nor torchvision runs this kernel in parallel on CPU.
+`ParallelMultiScaleRoIAlign` is torchvision's `MultiScaleRoIAlign` (same level mapping, same
+scales) with this op per level; it falls back to torchvision's path off CPU, on one thread, and
+for few RoIs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
+
+# fewer RoIs than this per thread: not worth a thread hand-off (~20 us each)
+MIN_ROIS_PER_THREAD = 32
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """One pool per process (a forked child must not reuse its parent's threads)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
+            _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, "roi_align"))
+        return _pool[2]
+
+
+def _chunks(rois: Tensor) -> list[Tensor] | None:
+    """`rois` split into one contiguous chunk per torch thread, None when not worth it."""
+    threads = torch.get_num_threads()
+    parts = min(threads, len(rois) // MIN_ROIS_PER_THREAD)
+    if parts < 2:
+        return None
+    return list(rois.chunk(parts))
+
+
+def _run(fn: Callable[[Any], Tensor], chunks: Sequence[Any]) -> list[Tensor]:
+    """fn on every chunk, the first on this thread and the others on the pool (without autograd
+    there: grad mode is per thread, and these run inside an autograd Function)."""
+    def untracked(chunk: Any) -> Tensor:
+        with torch.no_grad():
+            return fn(chunk)
+    futures = [_executor(len(chunks) - 1).submit(untracked, c) for c in chunks[1:]]
+    return [fn(chunks[0]), *(f.result() for f in futures)]
+
+
+class _ParallelRoIAlign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, rois: Tensor, spatial_scale: float,  # noqa: A002
+                pooled: tuple[int, int], sampling_ratio: int, aligned: bool) -> Tensor:
+        chunks = _chunks(rois)
+        ctx.save_for_backward(rois)
+        ctx.settings = (spatial_scale, pooled, sampling_ratio, aligned, input.shape)
+        ph, pw = pooled
+
+        def pool(part: Tensor) -> Tensor:
+            return torch.ops.torchvision.roi_align(input, part, spatial_scale, ph, pw,
+                                                   sampling_ratio, aligned)
+        return torch.cat(_run(pool, chunks)) if chunks else pool(rois)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (rois,) = ctx.saved_tensors
+        spatial_scale, (ph, pw), sampling_ratio, aligned, (n, c, h, w) = ctx.settings
+        grad = grad.contiguous()
+        splits = [len(part) for part in _chunks(rois) or [rois]]
+
+        def back(pair: tuple[Tensor, Tensor]) -> Tensor:
+            part_grad, part = pair
+            return torch.ops.torchvision._roi_align_backward(
+                part_grad, part, spatial_scale, ph, pw, n, c, h, w, sampling_ratio, aligned)
+        pairs = list(zip(grad.split(splits), rois.split(splits)))
+        grads = _run(back, pairs) if len(pairs) > 1 else [back(pairs[0])]
+        total = grads[0]
+        for g in grads[1:]:
+            total = total + g
+        return total, None, None, None, None, None
+
+
+def parallel_roi_align(input: Tensor, rois: Tensor, output_size: int | Sequence[int],  # noqa: A002
+                       spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                       aligned: bool = False) -> Tensor:
+    """`torchvision.ops.roi_align` for `rois` (K, 5) in (batch index, x1, y1, x2, y2) form, the
+    RoIs split between torch's threads on CPU (torchvision's op elsewhere, or when not worth
+    it). Float16 / bfloat16 features are pooled in float32 and cast back, as torchvision's
+    autocast kernel does."""
+    pooled = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if input.device.type != "cpu" or torch.jit.is_scripting() or _chunks(rois) is None:
+        return roi_align(input, rois, pooled, spatial_scale, sampling_ratio, aligned)
+    dtype = input.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        input = input.float()  # noqa: A001
+    rois = rois.to(input.dtype)
+    out = _ParallelRoIAlign.apply(input, rois, float(spatial_scale), pooled,
+                                  int(sampling_ratio), bool(aligned))
+    return out.to(dtype)
+
+
+class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's `MultiScaleRoIAlign` (same arguments, levels and scales) pooling each level
+    with `parallel_roi_align`."""
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
+                image_shapes: list[tuple[int, int]]) -> Tensor:
+        features = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(
+                features, image_shapes, self.canonical_scale, self.canonical_level)
+        if features[0].device.type != "cpu" or torch.get_num_threads() < 2:
+            return super().forward(x, boxes, image_shapes)
+        rois = _convert_to_roi_format(boxes)  # (K, 5): image index, x1, y1, x2, y2
+        if len(features) == 1:
+            return parallel_roi_align(features[0], rois, self.output_size, self.scales[0],
+                                      self.sampling_ratio)
+        levels = self.map_levels(boxes)
+        result = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            index = torch.where(levels == level)[0]
+            pooled = parallel_roi_align(feature, rois[index], self.output_size, scale,
+                                        self.sampling_ratio)
+            result[index] = pooled.to(result.dtype)  # autocast may mix the levels' dtypes
+        return result
