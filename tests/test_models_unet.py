@@ -143,5 +143,11 @@ def test_input_scale_refusals() -> None:
         build_model("unet", num_classes=2, width=4, depth=2, input_scale=2)
     with pytest.raises(UserError, match="applies to padding 'same' only"):
         build_model("unet", num_classes=2, width=4, depth=2, padding="valid", input_scale=0.5)
+    with pytest.raises(UserError, match="input_scale must be 1/k"):
+        build_model("unet", num_classes=2, width=4, depth=2, input_scale=1e-9,
+                    input_stem="unshuffle")  # refused before a 1e18-channel conv is built
     with pytest.raises(UserError, match="input_stem.*pool, unshuffle"):
         build_model("unet", num_classes=2, width=4, depth=2, input_scale=0.5, input_stem="max")
+    with pytest.raises(UserError, match="weights with input_stem 'unshuffle'"):
+        build_model("unet", num_classes=2, encoder="resnet18", input_scale=0.5,
+                    input_stem="unshuffle", weights="any.safetensors")

@@ -263,6 +263,8 @@ def _nnpack_available() -> bool:
         return False
 
 
+# also NNPACK's initialisation: without a `torch._nnpack_available()` call first in the process,
+# `torch._nnpack_spatial_convolution` fails ("SpatialConvolution_updateOutput failed"; torch 2.14)
 NNPACK_AVAILABLE = _nnpack_available()
 
 

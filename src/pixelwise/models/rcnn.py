@@ -52,9 +52,9 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from pixelwise.data.keypoints import DEFAULT_SIGMA, KeypointSchema
 from pixelwise.errors import UserError, unknown_name
 from pixelwise.models.fast_postprocess import FastRoIHeads, RCNNTransform
-from pixelwise.ops.roi_align import ParallelMultiScaleRoIAlign
 from pixelwise.models.fpn_backbone import build_fpn_backbone
 from pixelwise.models.rcnn_heads import KeypointPredictor, MaskPredictor, UpsampleArg
+from pixelwise.ops.roi_align import ParallelMultiScaleRoIAlign
 
 logger = logging.getLogger(__name__)
 

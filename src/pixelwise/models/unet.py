@@ -31,6 +31,19 @@ from pixelwise.models.tiling import mirror_pad, overlap_tile
 INPUT_STEMS = ("pool", "unshuffle")
 
 
+def input_factor(input_scale: float, input_stem: str = "pool", padding: str = "same") -> int:
+    """k for `input_scale` 1/k, or a one-line error (not 1/k, valid padding, unknown stem)."""
+    factor = round(1 / input_scale) if 1 / 1024 <= input_scale <= 1 else 0
+    if factor < 1 or not math.isclose(input_scale * factor, 1.0, rel_tol=1e-6):
+        raise UserError(f"unet: input_scale must be 1/k for an integer k from 1 to 1024 (1, 0.5, "
+                        f"0.25, ...), got {input_scale}")
+    if factor > 1 and padding == "valid":
+        raise UserError("unet: input_scale applies to padding 'same' only")
+    if input_stem not in INPUT_STEMS:
+        raise unknown_name("unet input_stem", input_stem, INPUT_STEMS)
+    return factor
+
+
 def valid_output_size(n: int, depth: int, convs: int = 2) -> int | None:
     """Output length of a valid U-Net for input length n, None if some 2x2 pool would see an odd
     size (or nothing is left). depth 4, convs 2: 572 -> 388."""
@@ -76,14 +89,7 @@ class UNet(EncoderDecoder):
         super().__init__(encoder, decoder, num_classes)
         self.padding = encoder.padding
         self.tile = tile
-        factor = round(1 / input_scale) if input_scale > 0 else 0
-        if factor < 1 or not math.isclose(input_scale * factor, 1.0, rel_tol=1e-6):
-            raise UserError(f"unet: input_scale must be 1/k for an integer k >= 1 (1, 0.5, "
-                            f"0.25, ...), got {input_scale}")
-        if factor > 1 and self.padding == "valid":
-            raise UserError("unet: input_scale applies to padding 'same' only")
-        if input_stem not in INPUT_STEMS:
-            raise unknown_name("unet input_stem", input_stem, INPUT_STEMS)
+        factor = input_factor(input_scale, input_stem, self.padding)
         self.input_factor = factor
         self.input_stem = input_stem
         # the map the network runs on (None: the image itself)
@@ -179,9 +185,12 @@ def unet(
     """
     names = upsample if isinstance(upsample, (list, tuple)) else [upsample]
     record = any(needs_indices(n) for n in per_stage(names, len(names), "unet"))
-    # "unshuffle" feeds the encoder k^2 times the channels (validated by UNet below)
-    factor = round(1 / input_scale) if input_scale > 0 else 1
-    stacked = factor**2 if input_stem == "unshuffle" and factor >= 1 else 1
+    # "unshuffle" feeds the encoder k^2 times the channels
+    factor = input_factor(input_scale, input_stem, padding)
+    stacked = factor**2 if input_stem == "unshuffle" else 1
+    if stacked > 1 and weights is not None:
+        raise UserError("unet: --weights with input_stem 'unshuffle' (the pretrained first "
+                        "convolution expects the image's own channels); use input_stem 'pool'")
     enc = build_encoder(
         "unet",
         encoder,

@@ -105,7 +105,7 @@ def parallel_roi_align(input: Tensor, rois: Tensor, output_size: int | Sequence[
     it). Float16 / bfloat16 features are pooled in float32 and cast back, as torchvision's
     autocast kernel does."""
     pooled = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    if input.device.type != "cpu" or torch.jit.is_scripting() or _chunks(rois) is None:
+    if input.device.type != "cpu" or _chunks(rois) is None:
         return roi_align(input, rois, pooled, spatial_scale, sampling_ratio, aligned)
     dtype = input.dtype
     if dtype in (torch.float16, torch.bfloat16):
