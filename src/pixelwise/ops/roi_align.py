@@ -37,10 +37,13 @@ _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    """One pool per process (a forked child must not reuse its parent's threads)."""
+    """One pool per process (a forked child must not reuse its parent's threads), rebuilt when
+    the number of torch threads changes (the old one's idle threads are let go)."""
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
+            if _pool is not None and _pool[0] == os.getpid():
+                _pool[2].shutdown(wait=False)
             _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, "roi_align"))
         return _pool[2]
 
