@@ -100,8 +100,11 @@ RECIPES: dict[str, Recipe] = {
         # the paper's scale ranges are for 800-1333 px images: on 256 px images 98 % of the objects
         # would fall in level 0 and levels 2-4 would never get one; scaled by ~1/3 they spread over
         # levels 0-3
+        # two convs per head tower (the paper: 4): 2339 steps in 30 minutes, segm AP50 0.456 /
+        # AP 0.285; with 4: 1680 steps, 0.403 / 0.235 (one run each: within the ~0.07 AP50
+        # spread of single runs, adopted as the cheaper of two equals)
         {"backbone": "resnet18", "fpn_channels": 128, "head_channels": 128, "kernel_channels": 128,
-         "mask_channels": 64,
+         "mask_channels": 64, "stacked_convs": 2,
          "scale_ranges": [[1, 32], [16, 64], [32, 128], [64, 256], [128, 2048]]},
         {"batch_size": 4, "lr": 5e-4, "clip_grad": 10.0}),
     "keypoints": Recipe(
