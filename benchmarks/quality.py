@@ -17,10 +17,10 @@ a time on a quiet machine (the budget is wall time, so a busy machine gets fewer
 conservative reading of "2 cores").
 
 Runs of one recipe differ (the timed schedule gives every run other learning rates; seeds):
-two 10-minute semantic-unet runs on the same data gave 0.856 and 0.830 mIoU, two 20-minute
-instance-mask_rcnn runs 0.517 and 0.444 segm AP50. `--repeats N` trains N times on the same data
-with training seeds seed .. seed + N - 1 and prints the mean, sample sd and range: compare trials
-by those, not by single runs.
+two 10-minute semantic-unet runs on the same data (2500 images) gave 0.856 and 0.830 mIoU,
+two 20-minute instance-mask_rcnn runs 0.517 and 0.444 segm AP50. `--repeats N` trains N times
+on the same data with training seeds seed .. seed + N - 1 and prints the mean, sample sd and
+range: compare trials by those, not by single runs.
 
 A recipe may evaluate with test-time augmentation (semantic-unet: flip and scales 0.75, 1, 1.25,
 as MMSegmentation's multi-scale + flip test); the one-pass figure and both times per image are
@@ -82,9 +82,9 @@ RECIPES: dict[str, Recipe] = {
         # Tried, not kept (one pass / with the test above): input_stem "unshuffle" 0.835 / 0.856
         # (2135 steps); 2500 images 0.856 / 0.877 (2091) and, re-run, 0.830 / 0.855 (2031):
         # runs of one setting differ by ~0.025 (the recipe with training seed 1: 0.834 / 0.856,
-        # 2186 steps); 10000 images 0.834 / 0.856 (1728); trained on
-        # 64 px images and masks (input_scale 1, `size` 64: 1.6x the steps) and run at 256 px
-        # with input_scale 0.25: 0.832 (500 images), 0.854 (2500)
+        # 2186 steps); 10000 images 0.834 / 0.856 (1728); trained on 64 px images and masks
+        # (input_scale 1, `size` 64: 1.6x the steps) and run at 256 px with input_scale 0.25:
+        # 0.832 (500 images), 0.854 (2500)
         tta={"tta": "flip", "tta_scales": [0.75, 1, 1.25]}),
     "instance-mask_rcnn": Recipe(
         "instance", "mask_rcnn", 20, {"segm.AP50": 0.9, "segm.AP": 0.6}, {"num": 400},
