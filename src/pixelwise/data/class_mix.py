@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pixelwise.data.transforms import wrap_like
-from pixelwise.data.wrapper import DatasetWrapper
+from pixelwise.data.wrapper import DatasetWrapper, pick_partner
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -85,18 +85,6 @@ def turn_randomly(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
         t = torch.rot90(t, quarter_turns, dims=(-2, -1))
         out.append(t.flip(-1) if mirror else t)
     return wrap_like(out[0], image), wrap_like(out[1], mask)
-
-
-def pick_partner(dataset: Dataset, index: int, p: float) -> tuple[Any, Any]:
-    """`dataset[index]` and, with probability `p`, another random item of `dataset` to mix into
-    it (None: no mixing this time, a bad (None) sample, or a dataset of one item)."""
-    sample = dataset[index]
-    n = len(dataset)  # type: ignore[arg-type]
-    if sample is None or n < 2 or float(torch.rand(())) >= p:
-        return sample, None
-    other = int(torch.randint(n - 1, ()))
-    other += other >= index  # any item but this one
-    return sample, dataset[other]
 
 
 class ClassMix(DatasetWrapper):

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from pixelwise.data.transforms import mask_boxes, wrap_like
-from pixelwise.data.wrapper import DatasetWrapper
+from pixelwise.data.wrapper import DatasetWrapper, pick_partner
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -109,12 +109,9 @@ class CopyPaste(DatasetWrapper):
         self.min_area = int(min_area)
 
     def __getitem__(self, index: int) -> Any:
-        from pixelwise.data.class_mix import pick_partner
-
         sample, source = pick_partner(self.dataset, index, self.p)
         if source is None or "masks" not in sample[1] or "masks" not in source[1]:
             return sample
-        unknown = set(sample[1]) & {"keypoints"}
-        if unknown:
+        if "keypoints" in sample[1]:
             raise UserError("copy-paste pastes masks, not keypoints (instance task only)")
         return paste_objects(*sample, *source, min_area=self.min_area)
