@@ -184,6 +184,29 @@ def test_heatmaps_to_keypoints_equals_torchvision() -> None:
     torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-4)
 
 
+def test_postprocessing_is_float32_under_autocast() -> None:
+    """CUDA eval runs under float16 autocast; CPU bfloat16 autocast takes the same paths: the
+    heatmap resizing and mask pasting stay float32 (keypoint eval failed on an index_put of
+    bfloat16 scores into float32 before), and a keypoint model evaluates."""
+    gen = torch.Generator().manual_seed(2)
+    rois = _random_boxes(12, 120.0, gen)
+    maps = torch.nn.functional.interpolate(torch.randn(12, 5, 14, 14, generator=gen),
+                                           size=(56, 56), mode="bilinear")
+    probs = torch.rand(12, 1, 28, 28, generator=gen)
+    plain = fp.heatmaps_to_keypoints(maps, rois), fp.paste_masks(probs, rois, (130, 125))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (xy, scores), pasted = (fp.heatmaps_to_keypoints(maps, rois),
+                                fp.paste_masks(probs, rois, (130, 125)))
+    assert xy.dtype == scores.dtype == pasted.dtype == torch.float32
+    assert torch.equal(xy, plain[0][0]) and torch.equal(scores, plain[0][1])
+    assert torch.equal(pasted, plain[1])
+    model = keypoint_rcnn(2, num_keypoints=5, backbone="resnet18", keypoint_head_layers=(16,),
+                          **_rcnn_kwargs(96, detections=5)).eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (det,) = model([torch.rand(3, 96, 96)])
+    assert det["keypoints"].shape == (5, 5, 3) and det["keypoints"].dtype == torch.float32
+
+
 def test_fast_heads_equal_the_modules() -> None:
     torch.manual_seed(3)
     x = torch.randn(6, 16, 14, 14)

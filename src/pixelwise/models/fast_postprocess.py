@@ -302,6 +302,14 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: Sequence[i
     masks (N, 1, M, M) or (N, M, M) probabilities; boxes (N, 4) x1, y1, x2, y2 in image pixels;
     image_size (H, W). Returns (N, 1, H, W): float probabilities, or bool ``>= threshold`` when
     `threshold` is given (thresholded after pasting, at full resolution)."""
+    # float32 matmuls also under autocast (CUDA eval runs in float16): the pasted geometry and
+    # the threshold must not depend on it
+    with torch.autocast(masks.device.type, enabled=False):
+        return _paste_masks(masks, boxes, image_size, padding, threshold)
+
+
+def _paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: Sequence[int],
+                 padding: int, threshold: float | None) -> torch.Tensor:
     if masks.dim() == 4:
         masks = masks[:, 0]  # (N, 1, M, M) -> (N, M, M)
     height, width = int(image_size[0]), int(image_size[1])
@@ -385,6 +393,12 @@ def heatmaps_to_keypoints(maps: torch.Tensor, rois: torch.Tensor
     maps (N, K, S, S) heatmap logits, rois (N, 4) boxes -> keypoints (N, K, 3) x, y, 1 (in the
     same continuous frame as torchvision: a heatmap cell's centre) and scores (N, K) (the
     resized heatmap at the maximum)."""
+    with torch.autocast(maps.device.type, enabled=False):  # float32 also under autocast
+        return _heatmaps_to_keypoints(maps.to(torch.float32), rois.to(torch.float32))
+
+
+def _heatmaps_to_keypoints(maps: torch.Tensor, rois: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     n, k, sh, sw = maps.shape
     xy = torch.zeros((n, k, 3), dtype=torch.float32, device=maps.device)
     scores = torch.zeros((n, k), dtype=torch.float32, device=maps.device)
@@ -394,7 +408,6 @@ def heatmaps_to_keypoints(maps: torch.Tensor, rois: torch.Tensor
     heights = (rois[:, 3] - rois[:, 1]).clamp(min=1)
     wc = widths.ceil().to(torch.int64)
     hc = heights.ceil().to(torch.int64)
-    maps = maps.to(torch.float32)
     for chunk in _keypoint_chunks(hc.tolist(), wc.tolist(), k):
         idx = torch.tensor(chunk, device=maps.device)
         c = len(chunk)
@@ -470,7 +483,8 @@ class FastRoIHeads(RoIHeads):
             feats = self.mask_roi_pool(features, boxes, image_shapes)  # (D, C, 14, 14)
             feats = run_conv_stack(self.mask_head, feats)
             logits = selected_mask_logits(self.mask_predictor, feats, torch.cat(labels))
-            probs = logits.sigmoid()[:, None]  # (D, 28, 28) -> (D, 1, 28, 28)
+            # float32 probabilities, as without autocast
+            probs = logits.float().sigmoid()[:, None]  # (D, 28, 28) -> (D, 1, 28, 28)
             for r, p in zip(result, probs.split(per_image, 0)):
                 r["masks"] = p
         if self.has_keypoint():
