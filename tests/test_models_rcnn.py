@@ -274,7 +274,12 @@ def test_mask_rcnn_eval_equals_torchvision() -> None:
         assert b["masks"].dtype == torch.bool
 
 
-def test_keypoint_rcnn_eval_equals_torchvision() -> None:
+@pytest.mark.parametrize("tiled", [False, True])
+def test_keypoint_rcnn_eval_equals_torchvision(tiled: bool, monkeypatch: pytest.MonkeyPatch
+                                               ) -> None:
+    """Also with the keypoint head's RoIs tiled into one map (as 512-channel heads are)."""
+    if tiled:
+        monkeypatch.setattr(fp, "MOSAIC_MIN_CHANNELS", 32)
     torch.manual_seed(5)
     size = 96
     ours = keypoint_rcnn(2, num_keypoints=5, backbone="resnet18", keypoint_head_layers=(32, 32),

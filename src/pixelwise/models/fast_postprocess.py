@@ -13,8 +13,10 @@ and why it gives the same answer:
   boxes and scores are bit-identical.
 * `run_conv_stack` -- the RoI heads' 3x3 convolutions run through NNPACK (bundled with PyTorch;
   Winograd transforms), about twice as fast as the default oneDNN direct convolution on these
-  (R, C, 14, 14) shapes. Inference only (no autograd), float32 CPU tensors only; any NNPACK
-  failure falls back to the module for good.
+  (R, C, 14, 14) shapes; 512-channel stacks (the keypoint head) on the RoIs tiled into one map
+  (`pixelwise.ops.roi_mosaic`: NNPACK's one-image inference path, 1.05-1.3x faster again).
+  Inference only (no autograd), float32 CPU tensors only; any NNPACK failure falls back to the
+  module for good.
 * `selected_mask_logits` -- only the detected class's 28x28 logits are computed (a per-RoI dot
   product, not all `num_classes` maps), and the paper's 2x2 stride-2 transposed conv, whose taps
   never overlap, is one GEMM fused with it (no NCHW upsampled map).
@@ -42,6 +44,7 @@ no-resize mode) put them together.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,6 +63,7 @@ from torchvision.models.detection.transform import (
 )
 from torchvision.ops import boxes as box_ops
 
+from pixelwise.ops.roi_mosaic import Mosaic
 from pixelwise.upsample import TransposedConv
 
 logger = logging.getLogger(__name__)
@@ -68,6 +72,14 @@ logger = logging.getLogger(__name__)
 CHUNK_ELEMENTS = 1 << 24
 # RoIs per chunk of the fused mask predictor (16 x 784 x 256 floats: 13 MB)
 MASK_CHUNK = 16
+# RoIs per tiled map of `run_conv_stack` at most (256 RoIs of 14 x 14 at 512 channels: 120 MB)
+MOSAIC_ROIS = 256
+# tiling pays for convolutions this wide (output channels). Per-RoI / tiled time, 2 threads:
+# one 3x3 conv on 100 RoIs: 0.69x at 64 channels, 0.99x at 128, 1.14x at 256, 1.22x at 512;
+# whole stacks (packing, separators, NNPACK's kernel transform on every call included): the
+# keypoint head (8 x 512) 1.30x / 1.20x / 1.12x / 1.05x on 30 / 100 / 200 / 300 RoIs, the
+# mask head (4 x 256) 1.24x / 1.09x / 0.98x / 0.92x
+MOSAIC_MIN_CHANNELS = 512
 
 
 # ----------------------------------------------------------------------------- NMS
@@ -165,14 +177,65 @@ def _nnpack_ok(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     )
 
 
-def run_conv_stack(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def run_conv_stack(module: nn.Module, x: torch.Tensor, *, mosaic: bool = True
+                   ) -> torch.Tensor:
     """Run `module` (e.g. torchvision's `MaskRCNNHeads`, a Sequential of conv / norm / ReLU) on
-    x (R, C, h, w), its stride-1 convolutions through NNPACK when `_nnpack_ok`."""
-    if isinstance(module, nn.Sequential):
-        for child in module:
-            x = _run_module(child, x)
+    x (R, C, h, w), its stride-1 convolutions through NNPACK when `_nnpack_ok`; with `mosaic`,
+    RoIs tiled into one map (`pixelwise.ops.roi_mosaic`) when every layer allows it."""
+    layers = _leaf_layers(module)
+    pad = _mosaic_pad(layers, x) if mosaic else None
+    if pad is None:
+        for layer in layers:
+            x = _run_module(layer, x)
         return x
-    return _run_module(module, x)
+    r, _, h, w = x.shape
+    per_map = math.ceil(r / math.ceil(r / MOSAIC_ROIS))  # maps of equal RoI counts
+    outputs = []
+    for lo in range(0, r, per_map):
+        chunk = x[lo:lo + per_map]
+        layout = Mosaic.for_rois(len(chunk), h, w, pad)
+        separators = layout.separators(x.device)
+        y = layout.pack(chunk)  # (n, C, h, w) -> (1, C, H, W)
+        clear = False  # separators still zero
+        for layer in layers:
+            if isinstance(layer, nn.Conv2d) and clear:
+                # each RoI must see only its own pixels and zeros
+                y = layout.clear_separators_(y, separators)
+            y = _run_module(layer, y)
+            clear = True
+        outputs.append(layout.unpack(y))
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _leaf_layers(module: nn.Module) -> list[nn.Module]:
+    """The modules a (nested) Sequential runs, in order; any other module as one layer."""
+    if isinstance(module, nn.Sequential):
+        return [leaf for child in module for leaf in _leaf_layers(child)]
+    return [module]
+
+
+def _mosaic_pad(layers: list[nn.Module], x: torch.Tensor) -> int | None:
+    """The separator width tiling needs (the largest conv padding), or None where a layer is
+    not pointwise or a size-preserving NNPACK convolution (e.g. GroupNorm: per-RoI statistics;
+    NNPACK missing: oneDNN is slower on one large map than on the RoI batch), or a convolution
+    has fewer than MOSAIC_MIN_CHANNELS outputs."""
+    if x.dim() != 4 or x.shape[0] == 0:
+        return None
+    pad = 0
+    for layer in layers:
+        if type(layer) is nn.Conv2d:
+            k, p = layer.kernel_size, layer.padding
+            if (not _nnpack_ok(layer, x) or k[0] != k[1] or not isinstance(p, tuple)
+                    or p[0] != p[1] or k[0] != 2 * p[0] + 1
+                    or layer.out_channels < MOSAIC_MIN_CHANNELS):
+                return None
+            pad = max(pad, p[0])
+        elif isinstance(layer, nn.BatchNorm2d):
+            if layer.training or layer.running_mean is None:  # batch statistics
+                return None
+        elif not isinstance(layer, (nn.ReLU, nn.Identity)):
+            return None
+    return pad if pad > 0 else None
 
 
 def _run_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
