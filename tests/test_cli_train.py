@@ -106,6 +106,24 @@ def test_existing_run_is_not_overwritten_and_errors_are_one_line(
     assert "valid names: ce, dice, focal" in capsys.readouterr().err
 
 
+def test_loss_at_net_trains_and_is_refused_where_it_does_nothing(
+        data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "coarse"
+    assert main(["train", "--data", str(data), "--out", str(run), "--max-steps", "2",
+                 "--input-scale", "0.5", "--loss-at", "net", "--loss", "ce+dice", *TINY]) == 0
+    assert json.loads((run / "config.json").read_text())["task"]["loss_at"] == "net"
+    capsys.readouterr()
+    for extra, message in ((["--loss-at", "net"], "input-scale 1/k"),
+                           (["--loss-at", "pixels"], "valid names: image, net"),
+                           (["--loss-at", "net", "--task", "instance", "--model", "mask_rcnn"],
+                            "for the semantic task")):
+        assert main(["train", "--data", str(data), "--out", str(tmp_path / "no"), *TINY,
+                     *extra]) == EXIT_USER_ERROR
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err
+        assert not (tmp_path / "no" / "last.safetensors").exists()
+
+
 def test_eval_refuses_data_with_another_number_of_classes(
         trained: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     other = tmp_path / "other"

@@ -11,8 +11,15 @@ import torch.nn.functional as F
 
 from pixelwise.errors import UserError
 from pixelwise.tasks import TASKS, build_task
-from pixelwise.tasks.losses import LOSSES, make_losses, soft_dice_loss, softmax_focal_loss
-from pixelwise.tasks.semantic import SemanticTask, collate, match_target
+from pixelwise.tasks.losses import (
+    LOSSES,
+    AreaTarget,
+    area_targets,
+    make_losses,
+    soft_dice_loss,
+    softmax_focal_loss,
+)
+from pixelwise.tasks.semantic import SemanticTask, coarse_logits, collate, match_target
 
 IGNORE = 255
 
@@ -163,6 +170,75 @@ def test_task_loss_dict_sums_the_terms_and_crops_a_smaller_output() -> None:
     assert torch.equal(match_target(logits, target), target)
     with pytest.raises(UserError, match="does not fit"):
         match_target(logits[..., :5, :], target)
+
+
+def test_area_targets_by_hand() -> None:
+    # one 3 x 3 image in 2 x 2 blocks (padded to 4 x 4 with unlabelled pixels)
+    target = torch.tensor([[[0, 1, 2], [1, IGNORE, 2], [0, 0, 1]]])
+    soft = area_targets(target, 2, 3, IGNORE)
+    assert soft.mass.shape == (1, 3, 2, 2) and soft.valid.shape == (1, 2, 2)
+    assert soft.mass[0, :, 0, 0].tolist() == [1, 2, 0]  # 0, 1 / 1, ignore
+    assert soft.mass[0, :, 0, 1].tolist() == [0, 0, 2]  # 2 / 2, padding
+    assert soft.mass[0, :, 1, 0].tolist() == [2, 0, 0]  # 0, 0, padding below
+    assert soft.mass[0, :, 1, 1].tolist() == [0, 1, 0]
+    assert soft.valid[0].tolist() == [[3, 2], [2, 1]]
+    same = area_targets(target, 1, 3, IGNORE)  # one-pixel blocks: the one-hot labels
+    assert torch.equal(same.mass.argmax(1)[same.valid > 0], target[target != IGNORE])
+    with pytest.raises(UserError, match="labels must be in 0..2"):
+        area_targets(torch.tensor([[[0, 3]]]), 2, 3, IGNORE)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("weight", [None, [1.0, 2.0, 0.5]])
+@pytest.mark.parametrize("factor", [1, 2, 3])
+def test_block_losses_equal_the_pixel_losses_on_repeated_logits(name, weight, factor) -> None:
+    """The loss of coarse logits against `area_targets` == the integer-target loss of the same
+    logits repeated over each block's pixels (the pixels padding adds are not counted)."""
+    coarse, _ = sample(h=3, w=2)
+    _, target = sample(h=3 * factor - (factor > 1), w=2 * factor - (factor > 1))
+    weights = None if weight is None else torch.tensor(weight, dtype=torch.float64)
+    loss = LOSSES[name](ignore_index=IGNORE, weight=weights)
+    fine = coarse.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+    fine = fine[..., :target.shape[1], :target.shape[2]]  # (N, K, H, W)
+    expected = loss(fine, target)
+    got = loss(coarse, area_targets(target, factor, 3, IGNORE))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_block_cross_entropy_by_hand() -> None:
+    # one block: 3 pixels of class 0, 1 of class 1, logits (0, log 3): p = (1/4, 3/4)
+    logits = torch.tensor([0.0, math.log(3.0)], dtype=torch.float64).view(1, 2, 1, 1)
+    soft = AreaTarget(torch.tensor([3.0, 1.0], dtype=torch.float64).view(1, 2, 1, 1),
+                      torch.tensor([[[4.0]]], dtype=torch.float64))
+    expected = -(3 * math.log(1 / 4) + math.log(3 / 4)) / 4
+    assert math.isclose(float(LOSSES["ce"]()(logits, soft)), expected, rel_tol=1e-12)
+
+
+def test_loss_at_net_trains_a_coarse_unet_on_its_own_logits() -> None:
+    from pixelwise.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("unet", num_classes=3, width=4, depth=2, input_scale=0.25)
+    images = torch.rand(2, 3, 30, 34)
+    target = torch.randint(0, 3, (2, 30, 34))
+    task = SemanticTask(3, loss="ce+dice", loss_at="net")
+    terms = task.loss(model, (images, target))
+    assert model.coarse_output is False  # switched back
+    with coarse_logits(model) as factor:
+        coarse = model(images)
+    assert factor == 4 and coarse.shape == (2, 3, 8, 9)  # ceil(30 / 4), ceil(34 / 4)
+    soft = area_targets(target, 4, 3, IGNORE)
+    torch.testing.assert_close(terms["ce"], LOSSES["ce"]()(coarse, soft))
+    torch.testing.assert_close(terms["dice"], LOSSES["dice"]()(coarse, soft))
+    assert model(images).shape == (2, 3, 30, 34)  # outside: the image's resolution
+    # models at the image's resolution, and the default "image", use the labels as they are
+    full = SemanticTask(3, loss="ce").loss(model, (images, target))["ce"]
+    torch.testing.assert_close(full, F.cross_entropy(model(images), target, ignore_index=IGNORE))
+    plain = build_model("unet", num_classes=3, width=4, depth=2)
+    with coarse_logits(plain) as factor:
+        assert factor == 1 and plain(images).shape == (2, 3, 30, 34)
+    with pytest.raises(UserError, match="loss_at"):
+        SemanticTask(3, loss_at="pixels")
 
 
 def test_evaluate_counts_pixels_like_a_direct_comparison() -> None:

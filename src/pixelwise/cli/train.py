@@ -63,6 +63,10 @@ TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--power", "power", float, "poly schedule power (default 0.9)"),
     ("--loss", "loss", str, "loss terms joined by +: ce, dice, focal (e.g. ce+dice; default ce)"),
     ("--class-weights", "class_weights", parse_floats, "comma-separated weight per class"),
+    ("--loss-at", "loss_at", str, "image (default): the loss at the labels' resolution; net: a "
+                                  "model run at --input-scale 1/k (unet) trained on its own "
+                                  "logits against each k x k block's label fractions "
+                                  "(semantic)"),
     ("--size", "size", parse_size, "resize every image to HxW (default: as stored)"),
     ("--crop", "crop", parse_size, "train on random HxW crops, after --size (semantic; smaller "
                                    "images padded with ignore; validation on whole images)"),

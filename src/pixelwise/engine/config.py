@@ -35,6 +35,10 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)  # passed to build_model as kwargs
     loss: str | None = None  # task's default when None (semantic: "ce")
     class_weights: list[float] | None = None
+    # semantic: "image" (the task's default when None): the loss on logits at the labels'
+    # resolution; "net": a coarse model (`unet` input_scale 1/k) on its own logits against each
+    # k x k block's label fractions (pixelwise.tasks.semantic)
+    loss_at: str | None = None
     epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-3
@@ -135,6 +139,8 @@ class TrainConfig:
             raise UserError(f"crop must be positive, got {self.crop[0]}x{self.crop[1]}")
         if self.crop is not None and self.task != "semantic":
             raise UserError(f"crop is for the semantic task, not {self.task!r}")
+        if self.loss_at is not None and self.task != "semantic":
+            raise UserError(f"loss_at is for the semantic task, not {self.task!r}")
         if not 0.0 <= self.crop_balance <= 1.0:
             raise UserError(f"crop_balance must be in [0, 1], got {self.crop_balance}")
         if self.crop_balance > 0 and self.crop is None:

@@ -550,8 +550,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     if cfg.task not in TASKS:
         raise unknown_name("task", cfg.task, TASKS)
     valid_options = model_options_of(cfg.model)  # an unknown model name fails here, before data
-    options = {k: v for k, v in (("loss", cfg.loss), ("class_weights", cfg.class_weights))
-               if v is not None}
+    options = {k: v for k, v in (("loss", cfg.loss), ("class_weights", cfg.class_weights),
+                                 ("loss_at", cfg.loss_at)) if v is not None}
     task = TASKS[cfg.task].from_data(cfg.data, **options)
     # semantic only (the config checks)
     semantic = cfg.task == "semantic"
@@ -578,4 +578,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         model_options["in_channels"] = int(train_set[0][0].shape[0])  # 1 for grayscale data
     seed_everything(cfg.seed)  # model initialisation
     model = build_model(cfg.model, num_classes=task.num_classes, **model_options)
+    if cfg.loss_at == "net" and getattr(model, "input_factor", 1) == 1:
+        raise UserError(f"loss_at 'net' is for a model run on a smaller map of the image (unet "
+                        f"with --input-scale 1/k, k > 1); this {cfg.model} outputs at the "
+                        "image's resolution already")
     return Trainer(cfg, model, task, train_set, val_set).fit(resume=resume, overwrite=overwrite)

@@ -92,6 +92,9 @@ class UNet(EncoderDecoder):
         factor = input_factor(input_scale, input_stem, self.padding)
         self.input_factor = factor
         self.input_stem = input_stem
+        # True: forward returns the network's own logits, (N, K, ceil(H/k), ceil(W/k)), not
+        # upsampled (a loss at the network's resolution; see `coarse_logits`)
+        self.coarse_output = False
         # the map the network runs on (None: the image itself)
         self.input_pool = (None if factor == 1 else nn.AvgPool2d(factor) if input_stem == "pool"
                            else nn.PixelUnshuffle(factor))
@@ -141,6 +144,8 @@ class UNet(EncoderDecoder):
         h, w = images.shape[-2:]
         padded = F.pad(images, (0, (-w) % k, 0, (-h) % k), mode="replicate")
         logits = super().forward(self.input_pool(padded))  # (N, K, ceil(H/k), ceil(W/k))
+        if self.coarse_output:
+            return logits
         logits = F.interpolate(logits, scale_factor=k, mode="bilinear", align_corners=False)
         return logits[..., :h, :w]
 

@@ -3,11 +3,17 @@
 Each takes logits `(N, K, H, W)` and integer targets `(N, H, W)`; pixels whose target is
 `ignore_index` do not count; optional class weights `(K,)`. `LOSSES` names them; a loss spec
 `"ce+dice"` sums several (`make_losses`).
+
+The loss modules also take an `AreaTarget` (`area_targets`): the label counts of each k x k
+block, for logits k times coarser than the labels (a network run at `input_scale` 1/k, its loss
+at its own resolution): the loss of the labels on the block's logits repeated over its pixels,
+without building them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +30,79 @@ def _valid(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
 
 def _weight(weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return None if weight is None else weight.to(device=like.device, dtype=like.dtype)
+
+
+class AreaTarget(NamedTuple):
+    """Soft targets of pixel blocks: `mass (N, K, h, w)`, how many of each block's pixels are
+    labelled with each class, and `valid (N, h, w)`, how many are labelled at all (its sum over
+    K: pixels with `ignore_index`, and padding, count nowhere). On logits constant over each
+    block, every loss equals its integer-target form on the pixels (tested)."""
+
+    mass: torch.Tensor
+    valid: torch.Tensor
+
+
+def area_targets(target: torch.Tensor, factor: int, num_classes: int,
+                 ignore_index: int | None = 255) -> AreaTarget:
+    """(N, H, W) integer labels -> `AreaTarget` of (ceil(H/k), ceil(W/k)) blocks of k x k
+    pixels (k = `factor`; padded right and below with unlabelled pixels, where `UNet` pads an
+    image to a multiple of k)."""
+    n, h, w = target.shape
+    rows, cols = -(-h // factor), -(-w // factor)  # blocks
+    valid = _valid(target, ignore_index)
+    device = target.device
+    block = ((torch.arange(h, device=device) // factor)[:, None] * cols
+             + (torch.arange(w, device=device) // factor)[None, :])  # (H, W) block of a pixel
+    image = torch.arange(n, device=device).view(n, 1, 1)
+    # one count per labelled pixel, at (image, class, block): no (N, K, H, W) one-hot
+    index = (image * num_classes + target) * (rows * cols) + block  # (N, H, W)
+    labels = target[valid]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise UserError(f"labels must be in 0..{num_classes - 1} or the ignore index "
+                        f"{ignore_index}, got {int(labels.min())}..{int(labels.max())}")
+    counts = torch.bincount(index[valid], minlength=n * num_classes * rows * cols)
+    mass = counts.to(torch.float32).view(n, num_classes, rows, cols)
+    return AreaTarget(mass, mass.sum(1))
+
+
+def _class_view(weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | float:
+    """Class weights shaped (1, K, 1, 1) to multiply (N, K, h, w) maps; 1 without weights."""
+    w = _weight(weight, like)
+    return 1.0 if w is None else w.view(1, -1, 1, 1)
+
+
+def _area_cross_entropy(logits: torch.Tensor, target: AreaTarget,
+                        weight: torch.Tensor | None) -> torch.Tensor:
+    """-sum w_k m_k log p_k / sum w_k m_k: weighted cross-entropy's mean over labelled pixels,
+    each block's pixels sharing the block's logits."""
+    weighted = target.mass * _class_view(weight, logits)  # (N, K, h, w)
+    return -(weighted * logits.log_softmax(dim=1)).sum() / weighted.sum().clamp_min(1e-12)
+
+
+def _area_focal(logits: torch.Tensor, target: AreaTarget, weight: torch.Tensor | None,
+                gamma: float) -> torch.Tensor:
+    """`softmax_focal_loss` on blocks: -sum w_k m_k (1 - p_k)^gamma log p_k over sum w_k m_k."""
+    log_p = logits.log_softmax(dim=1)
+    weighted = target.mass * _class_view(weight, logits)  # (N, K, h, w)
+    loss = -((1.0 - log_p.exp()) ** gamma) * log_p
+    return (weighted * loss).sum() / weighted.sum().clamp_min(1e-12)
+
+
+def _area_dice(logits: torch.Tensor, target: AreaTarget, weight: torch.Tensor | None,
+               smooth: float) -> torch.Tensor:
+    """`soft_dice_loss` with each block's label counts for the sums over its pixels."""
+    probs = logits.softmax(dim=1)  # (N, K, h, w)
+    mass, valid = target.mass.to(probs.dtype), target.valid.to(probs.dtype)
+    intersection = torch.einsum("nkhw,nkhw->k", probs, mass)  # (K,)
+    cardinality = torch.einsum("nkhw,nhw->k", probs, valid) + mass.sum(dim=(0, 2, 3))  # (K,)
+    return _dice_mean(intersection, cardinality, smooth, weight)
+
+
+def _dice_mean(intersection: torch.Tensor, cardinality: torch.Tensor, smooth: float,
+               weight: torch.Tensor | None) -> torch.Tensor:
+    loss = 1.0 - (2.0 * intersection + smooth) / (cardinality + smooth)  # (K,)
+    w = _weight(weight, loss)
+    return loss.mean() if w is None else (loss * w).sum() / w.sum()
 
 
 def soft_dice_loss(
@@ -54,11 +133,7 @@ def soft_dice_loss(
     intersection = torch.zeros(num_classes, dtype=probs.dtype, device=probs.device).index_add(
         0, safe.flatten(), own.flatten())  # (K,)
     counts = torch.bincount(safe[valid], minlength=num_classes).to(probs.dtype)  # (K,)
-    cardinality = prob_sum + counts  # (K,)
-    dice = (2.0 * intersection + smooth) / (cardinality + smooth)  # (K,)
-    loss = 1.0 - dice
-    w = _weight(weight, loss)
-    return loss.mean() if w is None else (loss * w).sum() / w.sum()
+    return _dice_mean(intersection, prob_sum + counts, smooth, weight)
 
 
 def softmax_focal_loss(
@@ -94,7 +169,9 @@ class CrossEntropyLoss(nn.Module):
         self.ignore_index = -100 if ignore_index is None else ignore_index
         self.weight = weight
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor | AreaTarget) -> torch.Tensor:
+        if isinstance(target, AreaTarget):
+            return _area_cross_entropy(logits, target, self.weight)
         return F.cross_entropy(logits, target, weight=_weight(self.weight, logits),
                                ignore_index=self.ignore_index)
 
@@ -107,7 +184,9 @@ class DiceLoss(nn.Module):
         super().__init__()
         self.ignore_index, self.weight, self.smooth = ignore_index, weight, smooth
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor | AreaTarget) -> torch.Tensor:
+        if isinstance(target, AreaTarget):
+            return _area_dice(logits, target, self.weight, self.smooth)
         return soft_dice_loss(logits, target, ignore_index=self.ignore_index, weight=self.weight,
                               smooth=self.smooth)
 
@@ -120,7 +199,9 @@ class FocalLoss(nn.Module):
         super().__init__()
         self.ignore_index, self.weight, self.gamma = ignore_index, weight, gamma
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor | AreaTarget) -> torch.Tensor:
+        if isinstance(target, AreaTarget):
+            return _area_focal(logits, target, self.weight, self.gamma)
         return softmax_focal_loss(logits, target, ignore_index=self.ignore_index,
                                   weight=self.weight, gamma=self.gamma)
 
