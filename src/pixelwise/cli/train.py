@@ -65,7 +65,7 @@ TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--class-weights", "class_weights", parse_floats, "comma-separated weight per class"),
     ("--loss-at", "loss_at", str, "image (default): the loss at the labels' resolution; net: a "
                                   "model run at --input-scale 1/k (unet) trained on its own "
-                                  "logits against each k x k block's label fractions "
+                                  "logits against each k x k block's label counts "
                                   "(semantic)"),
     ("--size", "size", parse_size, "resize every image to HxW (default: as stored)"),
     ("--crop", "crop", parse_size, "train on random HxW crops, after --size (semantic; smaller "

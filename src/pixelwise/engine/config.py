@@ -37,7 +37,7 @@ class TrainConfig:
     class_weights: list[float] | None = None
     # semantic: "image" (the task's default when None): the loss on logits at the labels'
     # resolution; "net": a coarse model (`unet` input_scale 1/k) on its own logits against each
-    # k x k block's label fractions (pixelwise.tasks.semantic)
+    # k x k block's label counts (pixelwise.tasks.semantic)
     loss_at: str | None = None
     epochs: int = 20
     batch_size: int = 8

@@ -5,9 +5,10 @@ dict of loss terms (`"ce"`, `"dice"`, `"focal"`, as chosen by `loss="ce+dice"`) 
 with `pixelwise.metrics.semantic.SemanticMetrics`, summing the confusion matrix over DDP ranks.
 
 `loss_at="net"`: a model that runs on a k-times smaller map of the image (`unet` with
-`input_scale` 1/k) is trained on its own logits against each k x k block's label fractions
-(`pixelwise.tasks.losses.area_targets`), not on its logits upsampled to every pixel: the
-upsampling, softmax and loss at full resolution were ~40 % of such a step on a CPU.
+`input_scale` 1/k) is trained on its own logits against each k x k block's label counts
+(`pixelwise.tasks.losses.area_targets`: the loss of the block's logits repeated over its
+pixels), not on its logits upsampled to every pixel: the upsampling, softmax and loss at full
+resolution were ~40 % of such a step on a CPU.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class SemanticTask:
         class_colors: K display colours (r, g, b) from the dataset's classes.json, or None (the
             default palette, `pixelwise.viz.make_palette`).
         loss_at: "image": the loss on logits at the labels' resolution (default); "net": on a
-            coarse model's own logits, against label fractions (see the module docstring).
+            coarse model's own logits, against label counts (see the module docstring).
     """
 
     name = "semantic"
@@ -249,7 +250,7 @@ class SemanticTask:
         with coarse as factor:
             logits = logits_of(model(images))
         logits = logits.float()  # losses in float32 also under autocast
-        if factor > 1:  # (N, K, ceil(H/k), ceil(W/k)) against k x k blocks' label fractions
+        if factor > 1:  # (N, K, ceil(H/k), ceil(W/k)) against k x k blocks' label counts
             soft = area_targets(targets, factor, self.num_classes, self.ignore_index)
             return {name: term(logits, soft) for name, term in self.losses.items()}
         targets = match_target(logits, targets)
