@@ -28,6 +28,7 @@ def test_layout_by_hand() -> None:
     ], dtype=torch.float32)
     tiled = layout.pack(x)
     assert torch.equal(tiled[0, 0], expected)
+    assert torch.equal(layout.pack(x.transpose(2, 3).contiguous().transpose(2, 3)), tiled)
     assert torch.equal(layout.unpack(tiled), x)
     rows, cols = layout.separators()
     assert rows.tolist() == [0, 3, 6] and cols.tolist() == [0, 4, 8]

@@ -56,7 +56,7 @@ class Mosaic:
         cells = self._cells(tiled)  # (C, rows, h + p, cols, w + p) view
         full = self.count // self.cols  # grid rows holding `cols` RoIs
         # (full*cols, C, h, w) -> (full, cols, C, h, w) -> (C, full, h, cols, w)
-        cells[:, :full, :h, :, :w] = x[: full * self.cols].view(
+        cells[:, :full, :h, :, :w] = x[: full * self.cols].reshape(
             full, self.cols, c, h, w).permute(2, 0, 3, 1, 4)
         rest = self.count - full * self.cols
         if rest:  # the last, partly filled grid row: (rest, C, h, w) -> (C, h, rest, w)
