@@ -239,10 +239,7 @@ def _mosaic_pad(layers: list[nn.Module], x: torch.Tensor) -> int | None:
 
 
 def _run_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(module, nn.Sequential):
-        for child in module:
-            x = _run_module(child, x)
-        return x
+    """One layer of `run_conv_stack` (a leaf of `_leaf_layers`)."""
     if type(module) is nn.Conv2d and _nnpack_ok(module, x):
         try:
             return torch._nnpack_spatial_convolution(x.contiguous(), module.weight, module.bias,

@@ -251,9 +251,9 @@ class SemanticTask:
             logits = logits_of(model(images))
         logits = logits.float()  # losses in float32 also under autocast
         if factor > 1:  # (N, K, ceil(H/k), ceil(W/k)) against k x k blocks' label counts
-            soft = area_targets(targets, factor, self.num_classes, self.ignore_index)
-            return {name: term(logits, soft) for name, term in self.losses.items()}
-        targets = match_target(logits, targets)
+            targets = area_targets(targets, factor, self.num_classes, self.ignore_index)
+        else:
+            targets = match_target(logits, targets)
         return {name: term(logits, targets) for name, term in self.losses.items()}
 
     @torch.no_grad()
