@@ -86,3 +86,24 @@ def test_errors_are_one_line(
     assert main(argv) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err.startswith("pixelwise: error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["mask_rcnn", "keypoint_rcnn", "solov2", "panoptic_fpn"])
+def test_info_detection_models(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Detectors have no analytic receptive field: the backbone + FPN's FLOPs and map strides."""
+    flops = {}
+    extra = ["--model-option", "num_things=2"] if name == "panoptic_fpn" else []
+    for size in ("64x64", "128x128"):
+        args = ["models", "info", name, "--backbone", "resnet18", "--size", size,
+                "--num-classes", "3", *extra, "--json"]
+        assert main(args) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["flops_of"] == "backbone+fpn" and info["feature_strides"] == [4, 8, 16, 32, 64]
+        assert info["parameters"] > info["trainable_parameters"] * 0.5 > 0
+        flops[size] = info["flops"]
+    # convolutions only: 4x the pixels, 4x the FLOPs
+    assert flops["128x128"] == 4 * flops["64x64"] > 0
+    assert main(["models", "info", name, "--backbone", "resnet18", "--size", "64x64",
+                 "--num-classes", "3", *extra]) == 0
+    out = capsys.readouterr().out
+    assert "backbone + FPN only" in out and "FPN map strides   4, 8, 16, 32, 64" in out

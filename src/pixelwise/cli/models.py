@@ -191,19 +191,25 @@ def _info(args: argparse.Namespace) -> int:
         emit_json(info)
         return 0
     h, w = args.size
+    whole = info["flops_of"] == "model"
     flops_label = f"FLOPs at {h}x{w}"
     options = ", ".join(
         f"{k}={v}" for k, v in info["config"].items() if k not in ("name",) and v is not None
     )
-    rf = info["receptive_field"]
     print(f"{info['name']}  ({options})")
     print(
         f"  parameters        {info['parameters']:,} ({info['trainable_parameters']:,} trainable)"
     )
     print(
-        f"  {flops_label:<16}  {info['flops'] / 1e9:.3f} G  (convolutions and matrix products, "
-        "2 per multiply-add)"
+        f"  {flops_label:<16}  {info['flops'] / 1e9:.3f} G  "
+        + ("(convolutions and matrix products, 2 per multiply-add)" if whole else
+           "(backbone + FPN only: the heads' cost depends on the proposals and detections)")
     )
-    print(f"  receptive field   {'the whole image (global pooling)' if rf is None else f'{rf} px'}")
-    print(f"  output stride     {info['output_stride']}")
+    if whole:
+        rf = info["receptive_field"]
+        print(f"  receptive field   "
+              f"{'the whole image (global pooling)' if rf is None else f'{rf} px'}")
+        print(f"  output stride     {info['output_stride']}")
+    else:
+        print(f"  FPN map strides   {', '.join(map(str, info['feature_strides']))}")
     return 0

@@ -36,18 +36,43 @@ def count_flops(model: nn.Module, size: tuple[int, int], *, in_channels: int | N
     return int(counter.get_total_flops())
 
 
+def detection_backbone(model: nn.Module) -> nn.Module | None:
+    """The backbone + FPN of a detection model (R-CNN, SOLOv2, panoptic FPN), else None."""
+    detector = getattr(model, "detector", model)  # panoptic FPN wraps an R-CNN
+    backbone = getattr(detector, "backbone", None)
+    return backbone if isinstance(backbone, nn.Module) else None
+
+
 def model_info(model: nn.Module, size: tuple[int, int] = (256, 256)) -> dict[str, Any]:
     """A JSON-ready summary: name, parameters, trainable_parameters, size, flops,
-    receptive_field (input pixels per side; None = the whole image) and output_stride."""
+    receptive_field (input pixels per side; None = the whole image) and output_stride.
+
+    Detection models (no analytic receptive field; their heads' cost depends on how many
+    proposals and detections an image gets) report the FLOPs of their backbone + FPN
+    (``flops_of``: "backbone+fpn") and the stride of each FPN map (``feature_strides``)."""
     total, trainable = count_parameters(model)
-    rf = receptive_field(model)
     config = getattr(model, "config", {})
-    return {
+    info = {
         "name": config.get("name", type(model).__name__),
         "config": config,
         "parameters": total,
         "trainable_parameters": trainable,
         "size": list(size),
-        "flops": count_flops(model, size),
-        **rf.to_dict(),
     }
+    backbone = detection_backbone(model) if not hasattr(model, "rf_path") else None
+    if backbone is None:
+        rf = receptive_field(model)
+        return {**info, "flops": count_flops(model, size), "flops_of": "model", **rf.to_dict()}
+    in_channels = int(config.get("in_channels", 3))
+    param = next(backbone.parameters())
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            maps = backbone(torch.zeros(1, in_channels, *size, dtype=param.dtype,
+                                        device=param.device))
+    finally:
+        backbone.train(was_training)
+    strides = [size[0] // m.shape[-2] for m in maps.values()]  # maps: (1, C, H/s, W/s)
+    return {**info, "flops": count_flops(backbone, size, in_channels=in_channels),
+            "flops_of": "backbone+fpn", "feature_strides": strides}
