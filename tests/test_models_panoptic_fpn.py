@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixelwise.errors import UserError
-from pixelwise.models.panoptic_fpn import PanopticFPN, _semantic_loss, panoptic_fpn
+from pixelwise.models.panoptic_fpn import PanopticFPN, panoptic_fpn
+from pixelwise.models.semantic_fpn_head import semantic_loss
 from pixelwise.models.semantic_fpn_head import SemanticFPN, SemanticFPNHead, semantic_fpn
 from pixelwise.panoptic import PanopticCategories, fuse_panoptic
 from pixelwise.upsample import UPSAMPLERS
@@ -108,11 +109,11 @@ def test_semantic_loss_matches_cross_entropy_of_the_eval_output(data) -> None:
 
 def test_semantic_loss_of_all_void_is_zero() -> None:
     logits = [torch.randn(3, 4, 5, requires_grad=True)]
-    loss = _semantic_loss(logits, [torch.full((4, 5), 255)])
+    loss = semantic_loss(logits, [torch.full((4, 5), 255)])
     assert loss.item() == 0.0
     loss.backward()  # still part of the graph
     with pytest.raises(UserError, match="semantic target"):
-        _semantic_loss(logits, [torch.zeros(4, 6, dtype=torch.int64)])
+        semantic_loss(logits, [torch.zeros(4, 6, dtype=torch.int64)])
 
 
 def test_eval_output_format_and_fusion(data) -> None:

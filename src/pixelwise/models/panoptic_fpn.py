@@ -29,18 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pixelwise.errors import UserError
 from pixelwise.models.rcnn import (DEFAULT_ANCHOR_SIZES, DEFAULT_ASPECT_RATIOS, clean_targets,
                                    mask_rcnn)
 from pixelwise.models.rcnn_heads import UpsampleArg
-from pixelwise.models.semantic_fpn_head import SemanticFPNHead
+from pixelwise.models.semantic_fpn_head import (SemanticFPNHead, logits_at_original,
+                                                semantic_loss)
 
 logger = logging.getLogger(__name__)
 
-VOID = 255  # semantic label of void pixels (pixelwise.data.panoptic)
 # the target fields the instance branch reads (through rcnn.clean_targets)
 INSTANCE_KEYS = ("boxes", "labels", "masks", "iscrowd", "image_id")
 
@@ -89,45 +88,18 @@ class PanopticFPN(nn.Module):
         detections, detector_losses = det.roi_heads(features, proposals, batch.image_sizes,
                                                     instance_targets)
         logits = self.semantic_head(features, batch.tensors.shape[-2:])  # (N, K, Hpad, Wpad)
-        semantic = [_to_original(logits[i], resized, original)
+        semantic = [logits_at_original(logits[i], resized, original)
                     for i, (resized, original) in enumerate(zip(batch.image_sizes, original_sizes))]
         if self.training:
             losses = {k: v * self.instance_loss_weight
                       for k, v in {**proposal_losses, **detector_losses}.items()}
-            losses["loss_semantic"] = self.semantic_loss_weight * _semantic_loss(
+            losses["loss_semantic"] = self.semantic_loss_weight * semantic_loss(
                 semantic, [t["semantic"] for t in targets])
             return losses
         detections = det.transform.postprocess(detections, batch.image_sizes, original_sizes)
         for out, sem in zip(detections, semantic):
             out["semantic"] = sem  # (K, H, W)
         return detections
-
-
-def _to_original(logits: torch.Tensor, resized: Sequence[int], original: Sequence[int]
-                 ) -> torch.Tensor:
-    """(K, Hpad, Wpad) scores of a padded batch -> (K, H, W) at the image's original size: crop
-    the padding, then undo the transform's resize bilinearly (as torchvision pastes masks)."""
-    crop = logits[:, : resized[0], : resized[1]]
-    if tuple(resized) == tuple(original):
-        return crop
-    return F.interpolate(crop[None], size=tuple(original), mode="bilinear",
-                         align_corners=False)[0]  # (1, K, h, w) -> (K, H, W)
-
-
-def _semantic_loss(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
-                   ) -> torch.Tensor:
-    """Pixel-averaged cross-entropy over all images' non-void pixels (0 if all are void)."""
-    total = logits[0].new_zeros(())
-    count = 0
-    for scores, target in zip(logits, targets):
-        target = target.as_subclass(torch.Tensor).to(scores.device, torch.int64)
-        if tuple(target.shape) != tuple(scores.shape[-2:]):
-            raise UserError(f"panoptic_fpn: semantic target {tuple(target.shape)} differs from "
-                            f"its image {tuple(scores.shape[-2:])}")
-        total = total + F.cross_entropy(scores[None], target[None], ignore_index=VOID,
-                                        reduction="sum")
-        count += int((target != VOID).sum())
-    return total / max(count, 1)
 
 
 def panoptic_fpn(

@@ -54,6 +54,9 @@ from pixelwise.errors import UserError, unknown_name
 from pixelwise.models.fast_postprocess import FastRoIHeads, RCNNTransform
 from pixelwise.models.fpn_backbone import build_fpn_backbone
 from pixelwise.models.rcnn_heads import KeypointPredictor, MaskPredictor, UpsampleArg
+from pixelwise.models.rcnn_semantic import instance_semantic_target, rescore_with_semantic
+from pixelwise.models.semantic_fpn_head import (SemanticFPNHead, logits_at_original,
+                                                semantic_loss)
 from pixelwise.ops.roi_align import ParallelMultiScaleRoIAlign
 
 logger = logging.getLogger(__name__)
@@ -128,20 +131,51 @@ def _fast_parts(model: tvd.generalized_rcnn.GeneralizedRCNN, *, resize: bool,
 
 class MaskRCNN(tvd.MaskRCNN):
     """torchvision's `MaskRCNN` (same arguments: finished modules, settings) plus
-    ``mask_threshold`` and ``fast`` (module docstring). ``min_size=None`` keeps image sizes."""
+    ``mask_threshold`` and ``fast`` (module docstring). ``min_size=None`` keeps image sizes.
+
+    ``semantic_head`` (a `SemanticFPNHead` over the FPN, `rcnn_semantic`): trained on labels
+    made from the instance masks, its loss ``loss_semantic`` weighted by ``aux_semantic``; at
+    eval it re-scores the detections when ``semantic_rescore`` > 0 (and is not run otherwise)."""
 
     def __init__(self, backbone: nn.Module, num_classes: int | None = None, *,
                  min_size: int | Sequence[int] | None = None, max_size: int = 1333,
-                 mask_threshold: float | None = 0.5, fast: bool = True, **kwargs: Any) -> None:
+                 mask_threshold: float | None = 0.5, fast: bool = True,
+                 semantic_head: nn.Module | None = None, aux_semantic: float = 0.0,
+                 semantic_rescore: float = 0.0, **kwargs: Any) -> None:
         super().__init__(backbone, num_classes, min_size=1 if min_size is None else min_size,
                          max_size=max_size, **kwargs)
         _fast_parts(self, resize=min_size is not None, mask_threshold=mask_threshold, fast=fast)
+        self.semantic_head = semantic_head
+        self.aux_semantic = float(aux_semantic)
+        self.semantic_rescore = float(semantic_rescore)
 
     def forward(self, images: list[torch.Tensor],
                 targets: list[dict[str, Any]] | None = None) -> Any:
+        raw = targets
         if self.training and targets is not None:
             targets = clean_targets(targets)
-        return super().forward(images, targets)
+        use_semantic = self.semantic_head is not None and (
+            self.training or self.semantic_rescore > 0)
+        if not use_semantic or (self.training and targets is None):
+            return super().forward(images, targets)
+        # torchvision's GeneralizedRCNN.forward, with the semantic head on the same features
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch, targets = self.transform(list(images), targets)
+        features = self.backbone(batch.tensors)
+        proposals, proposal_losses = self.rpn(batch, features, targets)
+        detections, detector_losses = self.roi_heads(features, proposals, batch.image_sizes,
+                                                     targets)
+        logits = self.semantic_head(features, batch.tensors.shape[-2:])  # (N, K, Hpad, Wpad)
+        semantic = [logits_at_original(logits[i], resized, original)  # (K, H, W) each
+                    for i, (resized, original) in enumerate(zip(batch.image_sizes,
+                                                                original_sizes))]
+        if self.training:
+            labels = [instance_semantic_target(t, size) for t, size in zip(raw, original_sizes)]
+            return {**proposal_losses, **detector_losses,
+                    "loss_semantic": self.aux_semantic * semantic_loss(semantic, labels)}
+        detections = self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+        return [rescore_with_semantic(det, sem.float().softmax(0), self.semantic_rescore)
+                for det, sem in zip(detections, semantic)]
 
 
 class KeypointRCNN(tvd.KeypointRCNN):
@@ -304,6 +338,9 @@ def mask_rcnn(
     box_detections_per_img: int = 100,
     box_batch_size_per_image: int = 512,
     mask_threshold: float | None = 0.5,
+    aux_semantic: float = 0.0,
+    semantic_channels: int = 64,
+    semantic_rescore: float = 0.0,
     fast: bool = True,
 ) -> MaskRCNN:
     """Mask R-CNN with a `backbone`-FPN (resnet18/34/50, mobilenet_v3_large), random init or
@@ -324,10 +361,21 @@ def mask_rcnn(
     torchvision's settings (box_detections_per_img: raise it for crowded images, e.g. 300 for
     cells). mask_threshold: threshold after pasting (None: probabilities). fast: the fast eval
     path of `fast_postprocess`.
+    aux_semantic: weight of an auxiliary per-pixel loss on a Panoptic-FPN semantic branch
+    (`semantic_channels` wide) whose labels are made from the instance masks (`rcnn_semantic`;
+    0: no branch, the plain Mask R-CNN). semantic_rescore in [0, 1]: at eval, how much that
+    branch's class probabilities over each mask weigh in the detection's score (0: not at all;
+    needs aux_semantic > 0).
     """
     settings = dict(locals())  # the RPN / box options are passed on as they are (RPN_BOX_OPTIONS)
     _check_positive(num_classes=num_classes, box_detections_per_img=box_detections_per_img,
-                    mask_roi_size=mask_roi_size)
+                    mask_roi_size=mask_roi_size, semantic_channels=semantic_channels)
+    if not (isinstance(aux_semantic, (int, float)) and aux_semantic >= 0):
+        raise UserError(f"aux_semantic must be a weight >= 0, got {aux_semantic!r}")
+    if not (isinstance(semantic_rescore, (int, float)) and 0 <= semantic_rescore <= 1):
+        raise UserError(f"semantic_rescore must be in [0, 1], got {semantic_rescore!r}")
+    if semantic_rescore > 0 and aux_semantic == 0:
+        raise UserError("semantic_rescore needs the semantic branch: set aux_semantic > 0")
     body, kwargs = _common(num_classes, backbone, weights, trainable_layers, in_channels,
                            anchor_sizes, aspect_ratios, image_mean, image_std, fpn_channels,
                            head_norm, box_head_convs)
@@ -340,6 +388,10 @@ def mask_rcnn(
                                                  sampling_ratio=2),
         mask_head=MaskRCNNHeads(body.out_channels, layers, 1, norm_layer=norm_layer(head_norm)),
         mask_predictor=MaskPredictor(layers[-1], num_classes, upsample),
+        semantic_head=None if aux_semantic == 0 else SemanticFPNHead(
+            num_classes, body.out_channels, body.strides[: len(body.featmap_names)],
+            list(body.featmap_names), channels=semantic_channels),
+        aux_semantic=aux_semantic, semantic_rescore=semantic_rescore,
         **kwargs,
     )
 

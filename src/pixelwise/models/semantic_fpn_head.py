@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pixelwise.decoders._upsample import needs_indices, per_stage
@@ -32,6 +33,8 @@ from pixelwise.models.fpn_backbone import build_fpn_backbone
 from pixelwise.upsample import make_upsampler
 
 logger = logging.getLogger(__name__)
+
+VOID = 255  # semantic label of void pixels (pixelwise.data.panoptic)
 
 
 class SemanticFPNHead(nn.Module):
@@ -121,6 +124,33 @@ class SemanticFPNHead(nn.Module):
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation of torchvision's backbones (and R-CNNs)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def logits_at_original(logits: torch.Tensor, resized: Sequence[int], original: Sequence[int]
+                 ) -> torch.Tensor:
+    """(K, Hpad, Wpad) scores of a padded batch -> (K, H, W) at the image's original size: crop
+    the padding, then undo the transform's resize bilinearly (as torchvision pastes masks)."""
+    crop = logits[:, : resized[0], : resized[1]]
+    if tuple(resized) == tuple(original):
+        return crop
+    return F.interpolate(crop[None], size=tuple(original), mode="bilinear",
+                         align_corners=False)[0]  # (1, K, h, w) -> (K, H, W)
+
+
+def semantic_loss(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
+                   ) -> torch.Tensor:
+    """Pixel-averaged cross-entropy over all images' non-void pixels (0 if all are void)."""
+    total = logits[0].new_zeros(())
+    count = 0
+    for scores, target in zip(logits, targets):
+        target = target.as_subclass(torch.Tensor).to(scores.device, torch.int64)
+        if tuple(target.shape) != tuple(scores.shape[-2:]):
+            raise UserError(f"semantic target {tuple(target.shape)} differs from "
+                            f"its image {tuple(scores.shape[-2:])}")
+        total = total + F.cross_entropy(scores[None], target[None], ignore_index=VOID,
+                                        reduction="sum")
+        count += int((target != VOID).sum())
+    return total / max(count, 1)
 
 
 class SemanticFPN(SegmentationModel):
