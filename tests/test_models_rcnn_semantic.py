@@ -57,6 +57,11 @@ def test_rescore_by_hand() -> None:
     assert torch.equal(out["boxes"], det["boxes"][order])
     assert torch.equal(out["masks"], det["masks"][order])
     assert rescore_with_semantic(det, probs, 0.0) is det
+    # probability masks: the same, and the empty one is not overwritten by its box
+    soft = {**det, "masks": det["masks"].float()}
+    out = rescore_with_semantic(soft, probs, 0.5)
+    assert torch.allclose(out["scores"], expected[order])
+    assert float(soft["masks"][2].sum()) == 0.0
     with pytest.raises(UserError, match="in \\[0, 1\\]"):
         rescore_with_semantic(det, probs, 1.5)
 

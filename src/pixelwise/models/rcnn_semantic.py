@@ -22,6 +22,7 @@ Hand-written: torchvision's detection models have no semantic branch (detectron2
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -66,7 +67,8 @@ def rescore_with_semantic(detections: dict[str, torch.Tensor], probabilities: to
     scores = detections["scores"]
     if power == 0.0 or scores.numel() == 0:
         return detections
-    weights = detections["masks"][:, 0].to(probabilities.dtype)  # (D, 1, H, W) -> (D, H, W)
+    # (D, 1, H, W) -> (D, H, W); a copy: empty masks are replaced by their boxes below
+    weights = detections["masks"][:, 0].to(probabilities.dtype, copy=True)
     empty = weights.flatten(1).sum(1) == 0
     if bool(empty.any()):  # those masks' boxes instead (integer pixel ranges, at least 1 px)
         h, w = weights.shape[-2:]
@@ -74,8 +76,8 @@ def rescore_with_semantic(detections: dict[str, torch.Tensor], probabilities: to
         cols = torch.arange(w, device=weights.device, dtype=probabilities.dtype)
         for i in torch.nonzero(empty).flatten().tolist():
             x0, y0, x1, y1 = detections["boxes"][i].tolist()
-            y0, x0 = min(int(y0), h - 1), min(int(x0), w - 1)
-            y1, x1 = max(int(y1 + 0.999), y0 + 1), max(int(x1 + 0.999), x0 + 1)
+            y0, x0 = min(max(math.floor(y0), 0), h - 1), min(max(math.floor(x0), 0), w - 1)
+            y1, x1 = max(math.ceil(y1), y0 + 1), max(math.ceil(x1), x0 + 1)
             inside_r = ((rows >= y0) & (rows < y1)).to(probabilities.dtype)
             inside_c = ((cols >= x0) & (cols < x1)).to(probabilities.dtype)
             weights[i] = inside_r[:, None] * inside_c[None, :]
