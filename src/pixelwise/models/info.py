@@ -37,10 +37,11 @@ def count_flops(model: nn.Module, size: tuple[int, int], *, in_channels: int | N
 
 
 def detection_backbone(model: nn.Module) -> nn.Module | None:
-    """The backbone + FPN of a detection model (R-CNN, SOLOv2, panoptic FPN), else None."""
+    """The backbone + FPN (`build_fpn_backbone`) of a detection model (R-CNN, SOLOv2, panoptic
+    FPN), else None."""
     detector = getattr(model, "detector", model)  # panoptic FPN wraps an R-CNN
     backbone = getattr(detector, "backbone", None)
-    return backbone if isinstance(backbone, nn.Module) else None
+    return backbone if isinstance(backbone, nn.Module) and hasattr(backbone, "strides") else None
 
 
 def model_info(model: nn.Module, size: tuple[int, int] = (256, 256)) -> dict[str, Any]:
@@ -64,15 +65,6 @@ def model_info(model: nn.Module, size: tuple[int, int] = (256, 256)) -> dict[str
         rf = receptive_field(model)
         return {**info, "flops": count_flops(model, size), "flops_of": "model", **rf.to_dict()}
     in_channels = int(config.get("in_channels", 3))
-    param = next(backbone.parameters())
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            maps = backbone(torch.zeros(1, in_channels, *size, dtype=param.dtype,
-                                        device=param.device))
-    finally:
-        backbone.train(was_training)
-    strides = [size[0] // m.shape[-2] for m in maps.values()]  # maps: (1, C, H/s, W/s)
     return {**info, "flops": count_flops(backbone, size, in_channels=in_channels),
-            "flops_of": "backbone+fpn", "feature_strides": strides}
+            "flops_of": "backbone+fpn",
+            "feature_strides": list(backbone.strides)}  # `build_fpn_backbone` records them

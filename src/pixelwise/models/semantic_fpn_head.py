@@ -127,7 +127,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def logits_at_original(logits: torch.Tensor, resized: Sequence[int], original: Sequence[int]
-                 ) -> torch.Tensor:
+                       ) -> torch.Tensor:
     """(K, Hpad, Wpad) scores of a padded batch -> (K, H, W) at the image's original size: crop
     the padding, then undo the transform's resize bilinearly (as torchvision pastes masks)."""
     crop = logits[:, : resized[0], : resized[1]]
@@ -138,7 +138,7 @@ def logits_at_original(logits: torch.Tensor, resized: Sequence[int], original: S
 
 
 def semantic_loss(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
-                   ) -> torch.Tensor:
+                  ) -> torch.Tensor:
     """Pixel-averaged cross-entropy over all images' non-void pixels (0 if all are void)."""
     total = logits[0].new_zeros(())
     count = 0
