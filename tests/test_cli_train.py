@@ -55,6 +55,14 @@ def test_upsample_option_travels_from_the_command_line_to_every_decoder_stage() 
     assert set(found) == {UPSAMPLERS["pixel_shuffle"]}
 
 
+def test_channels_last_flag_reaches_the_config() -> None:
+    from pixelwise.cli.train import build_config
+
+    base = ["train", "--model", "unet", "--data", "D", "--out", "R"]
+    assert build_config(build_parser().parse_args(base + ["--channels-last"])).channels_last
+    assert not build_config(build_parser().parse_args(base)).channels_last
+
+
 def test_train_writes_a_run_that_eval_rebuilds_from_the_checkpoint(
         trained: Path, data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pixelwise.engine.checkpoint import load_model

@@ -255,3 +255,22 @@ def test_amp_on_cpu_is_bfloat16_and_only_when_asked_for(tmp_path: Path, amp) -> 
         run(tmp_path / "split", model=resumed, amp=True, epochs=4, resume=True)
         for name, value in _state(resumed).items():
             assert torch.equal(value, straight[name]), name
+
+
+def test_channels_last_trains_the_same_and_resumes_exactly(tmp_path: Path) -> None:
+    """--channels-last stores the conv weights channels_last while training; the losses equal a
+    NCHW run's up to rounding, the checkpoint is an ordinary one, and resume is bit-identical."""
+    model, _ = run(tmp_path / "cl", channels_last=True)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    run(tmp_path / "plain")
+    for a, b in zip(records(tmp_path / "cl"), records(tmp_path / "plain")):
+        assert a["train"]["loss"] == pytest.approx(b["train"]["loss"], rel=1e-4)
+    tree, _ = load_checkpoint(tmp_path / "cl" / "last.safetensors")
+    for name, value in _state(model).items():
+        assert torch.equal(tree["model"][name], value), name
+    run(tmp_path / "split", channels_last=True, max_steps=5)
+    resumed, _ = run(tmp_path / "split", model=tiny_model(seed=99), resume=True,
+                     channels_last=True)
+    for name, value in _state(model).items():
+        assert torch.equal(_state(resumed)[name], value), name

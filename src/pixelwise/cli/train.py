@@ -119,6 +119,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="mixed precision: float16 on CUDA (on by default), bfloat16 on a "
                         "CPU (off by default; 1.5-1.8x faster steps on CPUs with AVX512-BF16 "
                         "or AMX)")
+    parser.add_argument("--channels-last", dest="channels_last",
+                        action=argparse.BooleanOptionalAction, default=None,
+                        help="convolution weights in channels_last memory format (1.2x faster "
+                        "U-Net steps on a CPU with oneDNN)")
     parser.add_argument("--deterministic", action="store_true", default=None,
                         help="deterministic algorithms (exact resume; slower on GPU)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
@@ -143,7 +147,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
     names = [dest for _, dest, _, _ in TRAIN_FLAGS] + ["amp", "deterministic", "progress",
-                                                      "skip_bad", "cache", "mix_turn"]
+                                                      "skip_bad", "cache", "mix_turn",
+                                                      "channels_last"]
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

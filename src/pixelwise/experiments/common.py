@@ -26,6 +26,7 @@ from torch import nn
 
 from pixelwise.data.synthetic import SceneConfig, run_synthesis
 from pixelwise.errors import UserError
+from pixelwise.ops.labels import argmax_labels
 from pixelwise.tasks.semantic import SemanticTask, logits_of
 
 logger = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ def evaluate(model: nn.Module, data: Path, *, split: str = "val", batch_size: in
             indices = range(first, min(first + batch_size, len(dataset)))
             images, targets = task.collate([dataset[i] for i in indices])
             logits = logits_of(model(images)).float()  # (N, K, H, W)
-            pred = logits.argmax(1)  # (N, H, W)
+            pred = argmax_labels(logits, 1)  # (N, H, W)
             metrics.update(pred, targets)
             boundary.update(pred, targets)
             energy += output_checkerboard(logits) * len(indices)

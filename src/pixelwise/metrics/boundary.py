@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from pixelwise.errors import UserError
 from pixelwise.metrics.semantic import _check_class_names
+from pixelwise.ops.labels import argmax_labels
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class BoundaryFScore:
         pred = torch.as_tensor(pred, device=target.device)
         k = self.num_classes
         if pred.is_floating_point():
-            pred = pred.argmax(dim=pred.dim() - 3)  # (N, K, H, W) -> (N, H, W)
+            pred = argmax_labels(pred, pred.dim() - 3)  # (N, K, H, W) -> (N, H, W)
         if pred.shape != target.shape:
             raise UserError(
                 f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}"

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from pixelwise.errors import UserError
+from pixelwise.ops.labels import argmax_labels
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class SemanticMetrics:
             class_dim = pred.dim() - 3  # (N, K, H, W) -> 1, (K, H, W) -> 0
             if pred.shape[class_dim] != k:
                 raise UserError(f"logits have {pred.shape[class_dim]} classes, expected {k}")
-            pred = pred.argmax(dim=class_dim)
+            pred = argmax_labels(pred, class_dim)
         if pred.shape != target.shape:
             raise UserError(
                 f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}"

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from pixelwise.errors import UserError
+from pixelwise.ops.labels import argmax_labels
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def _semantic_labels(semantic: torch.Tensor, num_classes: int) -> torch.Tensor:
         if semantic.shape[0] != num_classes:
             raise UserError(f"fusion: semantic logits have {semantic.shape[0]} classes, the "
                             f"categories {num_classes}")
-        return semantic.max(dim=0).indices  # = argmax (first maximum); ~5x faster on CPU
+        return argmax_labels(semantic, 0)
     if semantic.dim() != 2:
         raise UserError(f"fusion: the semantic prediction must be (H, W) labels or (C, H, W) "
                         f"logits, got {tuple(semantic.shape)}")

@@ -40,6 +40,7 @@ from torch import nn
 
 from pixelwise.data.images import image_to_float
 from pixelwise.errors import UserError
+from pixelwise.ops.labels import argmax_labels
 from pixelwise.predict.tiling import (
     check_tiling,
     model_device,
@@ -203,7 +204,7 @@ class SemanticPredictor:
         if tuple(logits.shape[-2:]) != size:
             logits = F.interpolate(logits[None], size=size, mode="bilinear",
                                    align_corners=False)[0]  # (1, K, H, W) -> (K, H, W)
-        return logits.argmax(0)
+        return argmax_labels(logits, 0)
 
     def outputs(self, out: Path, name: str) -> dict[str, Path]:
         """The files `write` makes for the image called `name` (its stem + .png)."""

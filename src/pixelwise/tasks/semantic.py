@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, default_collate
 
 from pixelwise.engine.distributed import all_reduce_sum
 from pixelwise.errors import UserError, unknown_name
+from pixelwise.ops.labels import argmax_labels
 from pixelwise.tasks.losses import area_targets, make_losses
 
 logger = logging.getLogger(__name__)
@@ -276,7 +277,7 @@ class SemanticTask:
                 seen += len(images)
                 with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
                     logits = logits_of(model(images))
-                metrics.update(logits.argmax(dim=1), match_target(logits, targets))
+                metrics.update(argmax_labels(logits, 1), match_target(logits, targets))
         finally:
             model.train(was_training)
         metrics.confusion = all_reduce_sum(metrics.confusion)
