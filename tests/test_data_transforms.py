@@ -245,3 +245,20 @@ def test_make_transforms_names_and_callables():
         make_transforms("bogus")
     built = make_transforms(lambda **kw: JointTransform([], **kw), min_size=3)
     assert built.min_size == 3
+
+
+@pytest.mark.parametrize("steps", [[HorizontalFlip(1.0)], [Resize([13, 17]), HorizontalFlip(1.0)]])
+def test_fill_free_semantic_path_equals_the_shifted_path(steps, monkeypatch):
+    """Flips and resizes of a semantic map skip the label shift (nothing is filled); the result
+    is the one of the shifted path, void included."""
+    image = tv_tensors.Image(torch.rand(3, H, W))
+    semantic = tv_tensors.Mask(torch.randint(0, 5, (H, W)))
+    semantic[3:6, 4:9] = 255
+    fast_image, fast = JointTransform(steps)(image, semantic)
+    monkeypatch.setattr("pixelwise.data.transforms.FILL_FREE", ())
+    slow_image, slow = JointTransform(steps)(image, semantic)
+    assert isinstance(fast, tv_tensors.Mask) and isinstance(fast_image, tv_tensors.Image)
+    assert torch.equal(fast, slow) and torch.equal(fast_image, slow_image)
+    assert (fast == 255).any()
+    if len(steps) == 1:  # the flip by hand
+        assert torch.equal(fast, semantic.flip(-1))
