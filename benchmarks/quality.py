@@ -74,7 +74,12 @@ RECIPES: dict[str, Recipe] = {
         # every image gets the things of another pasted on; files decoded once (cache);
         # channels_last weights, the fused AdamW and the faster block label counts (1.45x
         # faster steps, measured in one session). 10 minutes, val mIoU one pass / with the test
-        # below: 0.911 / 0.926 (6775 steps; earlier sessions got 2600-3114). Before those:
+        # below, two training seeds: 0.911 / 0.926 (6775 steps; earlier sessions got
+        # 2600-3114), 0.916 / 0.930 (7526, with the flip fast path); mean 0.914 / 0.928.
+        # Tried, not kept (one run each unless said): 10000 images 0.910 / 0.923 (5842 steps);
+        # input_stem "unshuffle" 0.904 / 0.924 (6373); width 24 0.917 / 0.931 (4269) and
+        # 0.919 / 0.933 (seed 1, 4423), mean 0.918 / 0.932: +0.004, within the spread, for
+        # 1.6x the inference time; width 32 0.914 / 0.924 (3079). Before those:
         # three training seeds 0.873 / 0.889 (2918 steps), 0.866 / 0.884 (2600), 0.878 / 0.897
         # (3114); mean 0.872 / 0.890.
         # Before loss_at "net" (500 images): 0.846 / 0.871
