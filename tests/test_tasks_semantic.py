@@ -186,6 +186,11 @@ def test_area_targets_by_hand() -> None:
     assert torch.equal(same.mass.argmax(1)[same.valid > 0], target[target != IGNORE])
     with pytest.raises(UserError, match="labels must be in 0..2"):
         area_targets(torch.tensor([[[0, 3]]]), 2, 3, IGNORE)
+    with pytest.raises(UserError, match="labels must be in 0..2"):
+        area_targets(torch.tensor([[[0, -1]]]), 2, 3, IGNORE)
+    # a negative ignore index (torch's -100) counts nowhere, as 255 does
+    negative = area_targets(torch.where(target == IGNORE, -100, target), 2, 3, -100)
+    assert torch.equal(negative.mass, soft.mass) and torch.equal(negative.valid, soft.valid)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))

@@ -50,7 +50,7 @@ def area_targets(target: torch.Tensor, factor: int, num_classes: int,
     n, h, w = target.shape
     rows, cols = -(-h // factor), -(-w // factor)  # blocks
     valid = _valid(target, ignore_index)
-    bad = (target < 0) | ((target >= num_classes) & valid)
+    bad = valid & ((target < 0) | (target >= num_classes))  # (a negative ignore index is fine)
     if bool(bad.any()):
         labels = target[bad]
         raise UserError(f"labels must be in 0..{num_classes - 1} or the ignore index "
