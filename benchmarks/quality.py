@@ -74,8 +74,9 @@ RECIPES: dict[str, Recipe] = {
         # every image gets the things of another pasted on; files decoded once (cache);
         # channels_last weights, the fused AdamW and the faster block label counts (1.45x
         # faster steps, measured in one session). 10 minutes, val mIoU one pass / with the test
-        # below, two training seeds: 0.911 / 0.926 (6775 steps; earlier sessions got
-        # 2600-3114), 0.916 / 0.930 (7526, with the flip fast path); mean 0.914 / 0.928.
+        # below, three training seeds: 0.911 / 0.926 (6775 steps; earlier sessions got
+        # 2600-3114), 0.916 / 0.930 (7526, with the flip fast path), 0.912 / 0.928 (7253);
+        # mean 0.913 / 0.928.
         # Tried, not kept (one run each unless said): 10000 images 0.910 / 0.923 (5842 steps);
         # input_stem "unshuffle" 0.904 / 0.924 (6373); width 24 0.917 / 0.931 (4269) and
         # 0.919 / 0.933 (seed 1, 4423), mean 0.918 / 0.932: +0.004, within the spread, for
