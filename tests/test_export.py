@@ -113,15 +113,21 @@ def test_a_mismatching_export_is_refused_and_nothing_is_written(
         export.export_model(model, out, format="torchscript", in_channels=1)
 
 
-def test_a_unet_at_half_input_scale_exports_with_dynamic_odd_sizes(tmp_path: Path) -> None:
-    """The pool, the edge padding and the final bilinear x 2 export too; onnxruntime matches
-    eager on an odd size the export was not checked on."""
+@pytest.mark.parametrize("options", [
+    {"input_scale": 0.5},
+    {"input_scale": 0.25, "output_upsample": "joint_bilateral"},
+], ids=["bilinear", "joint_bilateral"])
+def test_a_unet_at_input_scale_exports_with_dynamic_odd_sizes(tmp_path: Path,
+                                                              options: dict) -> None:
+    """The pool, the edge padding and the final bilinear x k (or the joint bilateral
+    upsampling: unfold, products, softmax) export too; onnxruntime matches eager on an odd size
+    the export was not checked on."""
     from pixelwise import export
     from pixelwise.models import build_model
 
     torch.manual_seed(0)
-    model = build_model("unet", num_classes=3, width=4, depth=2, input_scale=0.5).eval()
-    out = tmp_path / "half.onnx"
+    model = build_model("unet", num_classes=3, width=4, depth=2, **options).eval()
+    out = tmp_path / "scaled.onnx"
     export.export_model(model, out)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = torch.rand(1, 3, 37, 50, generator=torch.Generator().manual_seed(3))

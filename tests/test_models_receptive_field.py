@@ -60,12 +60,15 @@ def test_unet_bound_is_reached(upsample: str) -> None:
     assert max(max(s) for s in seen) == rf.size
 
 
-@pytest.mark.parametrize("stem", ["pool", "unshuffle"])
-def test_unet_input_scale_bound_is_reached(stem: str) -> None:
+@pytest.mark.parametrize(("stem", "output_upsample"), [("pool", "bilinear"),
+                                                        ("unshuffle", "bilinear"),
+                                                        ("pool", "joint_bilateral")])
+def test_unet_input_scale_bound_is_reached(stem: str, output_upsample: str) -> None:
     """input_scale 1/2: the pool (or unshuffle: the same 2 x 2 blocks) and the final bilinear x 2
-    join the path (output stride x 2); the bound is still reached over one period of
-    positions."""
-    model = build_model("unet", 2, depth=2, width=2, input_scale=0.5, input_stem=stem)
+    (or joint bilateral: a window of 2r + 1 cells) join the path (output stride x 2); the bound
+    is still reached over one period of positions."""
+    model = build_model("unet", 2, depth=2, width=2, input_scale=0.5, input_stem=stem,
+                        output_upsample=output_upsample)
     rf = receptive_field(model)
     assert rf.output_stride == 8
     seen = [empirical_receptive_field(model, (160, 160), position=(76 + i, 76 + i))

@@ -11,6 +11,7 @@ from pixelwise.errors import UserError
 from pixelwise.models import build_model
 from pixelwise.models.tiling import mirror_pad, overlap_tile
 from pixelwise.models.unet import valid_output_size
+from pixelwise.ops.joint_bilateral import joint_bilateral_upsample
 
 
 def test_paper_shapes_572_to_388() -> None:
@@ -134,6 +135,51 @@ def test_unshuffle_stem_sees_what_the_pool_averages_away() -> None:
             model = build_model("unet", num_classes=2, width=4, depth=2, input_scale=0.5,
                                 input_stem=stem).eval()
             assert torch.allclose(model(x), model(swapped), atol=1e-6) is same, stem
+
+
+def test_joint_bilateral_output_upsample() -> None:
+    """output_upsample "joint_bilateral": the network's own logits, guided up by the
+    edge-replicated image (`joint_bilateral_upsample` with the model's sigmas), then cropped;
+    `set_output_upsample` switches to the bilinear logits of the same weights and back."""
+    torch.manual_seed(0)
+    model = build_model("unet", num_classes=3, width=4, depth=2, input_scale=0.25,
+                        output_upsample="joint_bilateral", guide_sigma_color=0.2,
+                        guide_radius=1).eval()
+    x = torch.rand(2, 3, 30, 22) * 0.2  # not multiples of 4: replicated to 32 x 24, cropped
+    x[..., 9:] += 0.8  # an edge inside the third column of 4 x 4 blocks
+    model.head.weight.data.mul_(1000)  # a random tiny net's logits hardly vary otherwise
+    with torch.no_grad():
+        guided = model(x)
+        model.coarse_output = True
+        coarse = model(x)  # (2, 3, 8, 6)
+        model.coarse_output = False
+        padded = F.pad(x, (0, 2, 0, 2), mode="replicate")
+        expected = joint_bilateral_upsample(coarse, padded, 4, sigma_color=0.2, sigma_space=2.0,
+                                            radius=1)[..., :30, :22]
+        torch.testing.assert_close(guided, expected, rtol=0, atol=0)
+        model.set_output_upsample("bilinear")
+        bilinear = model(x)
+        expected = F.interpolate(coarse, scale_factor=4, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(bilinear, expected[..., :30, :22], rtol=0, atol=0)
+        assert not torch.allclose(guided, bilinear, atol=0.1)
+        model.set_output_upsample("joint_bilateral")
+        torch.testing.assert_close(model(x), guided, rtol=0, atol=0)
+    assert model.config["output_upsample"] == "joint_bilateral"
+    assert model.config["guide_radius"] == 1
+
+
+def test_output_upsample_refusals() -> None:
+    with pytest.raises(UserError, match="'joint_bilateral' needs input_scale < 1"):
+        build_model("unet", num_classes=2, width=4, depth=2, output_upsample="joint_bilateral")
+    with pytest.raises(UserError, match="unknown unet output_upsample 'nearest'"):
+        build_model("unet", num_classes=2, width=4, depth=2, input_scale=0.5,
+                    output_upsample="nearest")
+    with pytest.raises(UserError, match="guide_sigma_color and guide_sigma_space must be > 0"):
+        build_model("unet", num_classes=2, width=4, depth=2, input_scale=0.5,
+                    output_upsample="joint_bilateral", guide_sigma_color=0)
+    model = build_model("unet", num_classes=2, width=4, depth=2)
+    with pytest.raises(UserError, match="needs input_scale < 1"):
+        model.set_output_upsample("joint_bilateral")
 
 
 def test_input_scale_refusals() -> None:

@@ -50,6 +50,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, int], int]] = {
     "unet_same": (tiny("unet", width=4, depth=2), (132, 120), 80),
     "unet_valid": (tiny("unet", width=4, depth=2, padding="valid"), (132, 120), 96),
     "unet_half_scale": (tiny("unet", width=4, depth=2, input_scale=0.5), (264, 240), 192),
+    "unet_quarter_scale_guided": (tiny("unet", width=4, depth=2, input_scale=0.25,
+                                       output_upsample="joint_bilateral"), (400, 368), 288),
     "segnet": (tiny("segnet", width=4, depth=2), (140, 136), 88),
 }
 

@@ -184,7 +184,8 @@ def test_tta_misuse_is_one_line(scrambled: Path, tmp_path: Path,
          "unknown test-time augmentation 'spin'; valid names: flip"),
         (["predict", "--semantic", "a", "--instance", "b", str(image), "--out",
           str(tmp_path / "f"), "--tta", "flip"],
-         "--tile/--overlap/--tta/--tta-scales are not available with --semantic/--instance"),
+         "--tile/--overlap/--tta/--tta-scales/--output-upsample are not available with "
+         "--semantic/--instance"),
         (["eval", str(scrambled), "--tta-scales", "1,5"],
          "--tta-scales must be factors in (0, 4], got 1,5"),
     ]:

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from pixelwise.errors import UserError
+
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -31,6 +33,26 @@ def add_tta_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta-scales", type=parse_floats, default=None, metavar="S,...",
                         help="semantic runs: average the views resized by these factors too, "
                         "e.g. 0.75,1,1.25 (with --tta flip: 6 passes)")
+
+
+def add_output_upsample_flag(parser: argparse.ArgumentParser) -> None:
+    """`--output-upsample` (unet runs at input_scale < 1; `UNet.set_output_upsample`)."""
+    parser.add_argument("--output-upsample", default=None, metavar="NAME",
+                        help="unet runs with input_scale < 1: how the logits reach the image's "
+                        "resolution, bilinear or joint_bilateral (guided by the image); "
+                        "default: the run's own")
+
+
+def apply_output_upsample(model: Any, name: str | None, where: object) -> None:
+    """Switch a loaded model's output upsampling to `name` (None: keep the run's); a one-line
+    error for models that have none."""
+    if name is None:
+        return
+    setter = getattr(model, "set_output_upsample", None)
+    if setter is None:
+        raise UserError(f"{where}: --output-upsample applies to unet runs with input_scale < 1, "
+                        f"not to a {type(model).__name__}")
+    setter(name)
 
 
 def emit_json(obj: Any) -> None:

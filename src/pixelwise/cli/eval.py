@@ -13,7 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pixelwise.cli._common import add_json_flag, add_tta_flags, emit_json
+from pixelwise.cli._common import (
+    add_json_flag,
+    add_output_upsample_flag,
+    add_tta_flags,
+    apply_output_upsample,
+    emit_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="instance/keypoints: detections scored per image (default: the "
                         "model's own limit when over COCO's 100, else 100; keypoints 20)")
     add_tta_flags(parser)
+    add_output_upsample_flag(parser)
     parser.add_argument("--skip-bad", action="store_true",
                         help="log and leave out bad samples (those `pixelwise data check` "
                         "reports) instead of stopping at the first")
@@ -48,12 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which: str = "best",
                  batch_size: int = 8, workers: int = 0, device: str = "auto",
                  skip_bad: bool = False, max_dets: int | None = None,
-                 tta: str | None = None, tta_scales: Sequence[float] | None = None
-                 ) -> dict[str, Any]:
+                 tta: str | None = None, tta_scales: Sequence[float] | None = None,
+                 output_upsample: str | None = None) -> dict[str, Any]:
     """The task's metrics of `run_dir`'s checkpoint on `split` of `data` (`skip_bad`: bad
     samples are logged and left out of the metrics; `max_dets`: COCO detections scored per
     image, instance and keypoints tasks; `tta` ("flip") / `tta_scales`: test-time augmentation,
-    semantic runs, `pixelwise.predict.tta`)."""
+    semantic runs, `pixelwise.predict.tta`; `output_upsample`: a unet run's output upsampling
+    instead of its own, `UNet.set_output_upsample`)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -84,6 +92,7 @@ def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which:
     task.check_data(data)  # e.g. a different number of classes: one line, before any work
     dev = resolve_device(device)
     model, meta = load_model(path, device=dev)
+    apply_output_upsample(model, output_upsample, path)
     if augmentation is not None:
         model = AugmentedModel(model, augmentation)
     size = train_cfg.get("size")
@@ -133,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run_dir, args.data, split=args.split, which=args.checkpoint,
                            batch_size=args.batch_size, workers=args.workers, device=args.device,
                            skip_bad=args.skip_bad, max_dets=args.max_dets, tta=args.tta,
-                           tta_scales=args.tta_scales)
+                           tta_scales=args.tta_scales, output_upsample=args.output_upsample)
     if args.json:
         emit_json(metrics)
         return 0

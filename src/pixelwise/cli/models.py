@@ -44,6 +44,14 @@ MODEL_OPTION_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
                                             "(1/k: 0.5, 0.25) and upsample the logits"),
     ("--input-stem", "input_stem", str, "unet with --input-scale: pool (average k x k blocks; "
                                         "default) or unshuffle (stack them as channels)"),
+    ("--output-upsample", "output_upsample", str, "unet with --input-scale: bilinear (default) "
+                                                  "or joint_bilateral (guided by the image)"),
+    ("--guide-sigma-color", "guide_sigma_color", float, "unet joint_bilateral: colour sigma, in "
+                                                        "the input's units (default 0.075)"),
+    ("--guide-sigma-space", "guide_sigma_space", float, "unet joint_bilateral: distance sigma, in "
+                                                        "network cells (default 2)"),
+    ("--guide-radius", "guide_radius", int, "unet joint_bilateral: window radius in cells "
+                                            "(default 2: 5 x 5 cells)"),
     ("--decoder-channels", "decoder_channels", _ints, "unet: comma-separated widths per block"),
     ("--norm", "norm", str, "batch (default) or none"),
     ("--weights", "weights", str, "local torchvision encoder weights (.safetensors or .pth)"),

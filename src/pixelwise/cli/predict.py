@@ -25,7 +25,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pixelwise.cli._common import add_json_flag, add_tta_flags, emit_json
+from pixelwise.cli._common import (
+    add_json_flag,
+    add_output_upsample_flag,
+    add_tta_flags,
+    apply_output_upsample,
+    emit_json,
+)
 from pixelwise.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -78,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="images per forward pass (tiles per pass with --tile; default 1)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     add_tta_flags(parser)
+    add_output_upsample_flag(parser)
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="refuse images with more pixels (default 2^27; 0: no limit)")
     parser.add_argument("--score-threshold", type=float, default=None, metavar="S",
@@ -124,9 +131,10 @@ def _predict_fusion(args: argparse.Namespace, on_error: Any = None) -> dict[str,
         raise UserError("fusion needs both --semantic RUN_A and --instance RUN_B")
     if args.task not in (None, "panoptic"):
         raise UserError(f"--semantic/--instance make a panoptic prediction, not {args.task}")
-    if any(v is not None for v in (args.tile, args.overlap, args.tta, args.tta_scales)):
-        raise UserError("--tile/--overlap/--tta/--tta-scales are not available with "
-                        "--semantic/--instance")
+    if any(v is not None for v in (args.tile, args.overlap, args.tta, args.tta_scales,
+                                   args.output_upsample)):
+        raise UserError("--tile/--overlap/--tta/--tta-scales/--output-upsample are not "
+                        "available with --semantic/--instance")
     files = expand_inputs([args.run_dir, *args.inputs])  # no RUN: every positional is an image
     predictor = load_fusion_predictor(
         args.semantic, args.instance, which=args.checkpoint, device=args.device,
@@ -173,6 +181,7 @@ def predict_run(args: argparse.Namespace, on_error: Any = None) -> dict[str, Any
     path = find_checkpoint(args.run_dir, args.checkpoint)
     device = resolve_device(args.device)
     model, meta = load_model(path, device=device)
+    apply_output_upsample(model, args.output_upsample, path)
     task_name = (meta.get("task") or {}).get("name")
     if args.task is not None and args.task != task_name:
         raise UserError(f"{path}: a {task_name} run, not {args.task}")

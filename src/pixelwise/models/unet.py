@@ -26,9 +26,12 @@ from pixelwise.models._encoder_options import build_encoder
 from pixelwise.models.base import EncoderDecoder
 from pixelwise.models.receptive_field import Layer
 from pixelwise.models.tiling import mirror_pad, overlap_tile
+from pixelwise.ops.joint_bilateral import joint_bilateral_upsample
 
 
 INPUT_STEMS = ("pool", "unshuffle")
+# how a model run at input_scale 1/k brings its logits back to the image's resolution
+OUTPUT_UPSAMPLES = ("bilinear", "joint_bilateral")
 
 
 def input_factor(input_scale: float, input_stem: str = "pool", padding: str = "same") -> int:
@@ -80,11 +83,17 @@ class UNet(EncoderDecoder):
     "unshuffle" stacks the block's pixels as channels (space-to-depth, `F.pixel_unshuffle`:
     (N, C, H, W) -> (N, C k^2, H/k, W/k), as YOLOv5's Focus layer), so nothing is lost and the
     first convolution learns the downsampling, for the cost of C k^2 input channels there.
+    `output_upsample` brings the logits back: "bilinear" (default), or "joint_bilateral", guided
+    by the image (`pixelwise.ops.joint_bilateral`; `guide_sigma_color` in the input's units,
+    `guide_sigma_space` in network cells, a (2 `guide_radius` + 1)^2 window of cells): each
+    pixel takes the logits of the nearby cells whose mean colour matches its own, so boundaries
+    follow the image's edges. It has no parameters: a run can be evaluated with either.
     """
 
     def __init__(
         self, encoder: Encoder, decoder: UNetDecoder, num_classes: int, *, tile: int | None = None,
-        input_scale: float = 1.0, input_stem: str = "pool",
+        input_scale: float = 1.0, input_stem: str = "pool", output_upsample: str = "bilinear",
+        guide_sigma_color: float = 0.075, guide_sigma_space: float = 2.0, guide_radius: int = 2,
     ) -> None:
         super().__init__(encoder, decoder, num_classes)
         self.padding = encoder.padding
@@ -98,6 +107,13 @@ class UNet(EncoderDecoder):
         # the map the network runs on (None: the image itself)
         self.input_pool = (None if factor == 1 else nn.AvgPool2d(factor) if input_stem == "pool"
                            else nn.PixelUnshuffle(factor))
+        self.guide = {"sigma_color": float(guide_sigma_color),
+                      "sigma_space": float(guide_sigma_space), "radius": int(guide_radius)}
+        if guide_sigma_color <= 0 or guide_sigma_space <= 0 or guide_radius < 0:
+            raise UserError(f"unet: guide_sigma_color and guide_sigma_space must be > 0 and "
+                            f"guide_radius >= 0, got {guide_sigma_color}, {guide_sigma_space}, "
+                            f"{guide_radius}")
+        self.set_output_upsample(output_upsample)
         if self.padding == "valid":
             self.depth = len(encoder.output_shape()) - 1
             self.convs = encoder.convs
@@ -110,6 +126,16 @@ class UNet(EncoderDecoder):
                 )
         elif tile is not None:
             raise UserError("unet: tile applies to padding 'valid' only")
+
+    def set_output_upsample(self, name: str) -> None:
+        """Switch how the logits of a model run at input_scale 1/k reach the image's resolution
+        ("bilinear" or "joint_bilateral"; no weights change)."""
+        if name not in OUTPUT_UPSAMPLES:
+            raise unknown_name("unet output_upsample", name, OUTPUT_UPSAMPLES)
+        if name != "bilinear" and self.input_pool is None:
+            raise UserError(f"unet: output_upsample {name!r} needs input_scale < 1 (at "
+                            f"input_scale 1 the logits are at the image's resolution already)")
+        self.output_upsample = name
 
     def forward_valid(self, x: torch.Tensor) -> torch.Tensor:
         """The raw network: (N, C, n, m) -> (N, K, n - 2 border, m - 2 border) in valid mode
@@ -146,16 +172,20 @@ class UNet(EncoderDecoder):
         logits = super().forward(self.input_pool(padded))  # (N, K, ceil(H/k), ceil(W/k))
         if self.coarse_output:
             return logits
-        logits = F.interpolate(logits, scale_factor=k, mode="bilinear", align_corners=False)
+        if self.output_upsample == "joint_bilateral":
+            logits = joint_bilateral_upsample(logits, padded, k, **self.guide)
+        else:
+            logits = F.interpolate(logits, scale_factor=k, mode="bilinear", align_corners=False)
         return logits[..., :h, :w]
 
     def rf_path(self) -> list[Any]:
         if self.input_pool is None:
             return super().rf_path()
         # the pool (or unshuffle: a k x k block, stride k), the network, then the logits'
-        # bilinear x k (2 input units per output unit)
+        # bilinear x k (2 input units per output unit; joint bilateral: a window of 2r + 1)
         k = self.input_factor
-        return [Layer(k, Fraction(k)), *super().rf_path(), Layer(2, Fraction(1, k))]
+        window = 2 * self.guide["radius"] + 1 if self.output_upsample == "joint_bilateral" else 2
+        return [Layer(k, Fraction(k)), *super().rf_path(), Layer(window, Fraction(1, k))]
 
 
 def _default_decoder_channels(encoder: Encoder, n_blocks: int) -> list[int]:
@@ -180,13 +210,18 @@ def unet(
     tile: int | None = None,
     input_scale: float = 1.0,
     input_stem: str = "pool",
+    output_upsample: str = "bilinear",
+    guide_sigma_color: float = 0.075,
+    guide_sigma_space: float = 2.0,
+    guide_radius: int = 2,
 ) -> UNet:
     """U-Net: encoder-decoder with concatenated skips, "same" or "valid" (overlap-tile) padding.
 
     Plain encoder (depth 4, width 32 by default; the paper: width 64) or a torchvision one; decoder
     blocks upsample to the skip's size with `upsample` (one name or one per block).
     `input_scale` 1/k runs the network on a k-times smaller map of the image (`input_stem`:
-    "pool" averages k x k blocks, "unshuffle" stacks them as channels) and upsamples its logits.
+    "pool" averages k x k blocks, "unshuffle" stacks them as channels) and upsamples its logits
+    (`output_upsample`: "bilinear", or "joint_bilateral" guided by the image; see `UNet`).
     """
     names = upsample if isinstance(upsample, (list, tuple)) else [upsample]
     record = any(needs_indices(n) for n in per_stage(names, len(names), "unet"))
@@ -218,6 +253,8 @@ def unet(
     )
     dec = UNetDecoder(shapes, channels, upsample=upsample, padding=padding, norm=norm)
     model = UNet(enc, dec, num_classes, tile=tile, input_scale=input_scale,
-                 input_stem=input_stem)
+                 input_stem=input_stem, output_upsample=output_upsample,
+                 guide_sigma_color=guide_sigma_color, guide_sigma_space=guide_sigma_space,
+                 guide_radius=guide_radius)
     model.in_channels = in_channels
     return model
