@@ -177,6 +177,9 @@ def test_output_upsample_refusals() -> None:
     with pytest.raises(UserError, match="guide_sigma_color and guide_sigma_space must be > 0"):
         build_model("unet", num_classes=2, width=4, depth=2, input_scale=0.5,
                     output_upsample="joint_bilateral", guide_sigma_color=0)
+    with pytest.raises(UserError, match="guide_radius an integer >= 0, got 0.075, 2.0, 1.5"):
+        build_model("unet", num_classes=2, width=4, depth=2, input_scale=0.5,
+                    output_upsample="joint_bilateral", guide_radius=1.5)
     model = build_model("unet", num_classes=2, width=4, depth=2)
     with pytest.raises(UserError, match="needs input_scale < 1"):
         model.set_output_upsample("joint_bilateral")

@@ -109,10 +109,11 @@ class UNet(EncoderDecoder):
                            else nn.PixelUnshuffle(factor))
         self.guide = {"sigma_color": float(guide_sigma_color),
                       "sigma_space": float(guide_sigma_space), "radius": int(guide_radius)}
-        if guide_sigma_color <= 0 or guide_sigma_space <= 0 or guide_radius < 0:
+        if (guide_sigma_color <= 0 or guide_sigma_space <= 0 or guide_radius < 0
+                or guide_radius != int(guide_radius)):
             raise UserError(f"unet: guide_sigma_color and guide_sigma_space must be > 0 and "
-                            f"guide_radius >= 0, got {guide_sigma_color}, {guide_sigma_space}, "
-                            f"{guide_radius}")
+                            f"guide_radius an integer >= 0, got {guide_sigma_color}, "
+                            f"{guide_sigma_space}, {guide_radius}")
         self.set_output_upsample(output_upsample)
         if self.padding == "valid":
             self.depth = len(encoder.output_shape()) - 1
