@@ -93,8 +93,9 @@ RECIPES: dict[str, Recipe] = {
         # within 2 px of a class boundary (without those: 0.912 -> 0.953). Width 16, the
         # three runs above evaluated again with it: 0.938 / 0.949, 0.943 / 0.953,
         # 0.938 / 0.951, and a fourth seed 0.938 / 0.947 (6674 steps): mean 0.940 / 0.950.
-        # Width 24 (the two runs above evaluated again, then seed 2 trained with it):
-        # 0.942 / 0.953, 0.944 / 0.955, 0.939 / 0.952 (4179 steps): mean 0.942 / 0.953.
+        # Width 24 (the two runs above evaluated again, then two trained with it, seeds 2 and
+        # 0): 0.942 / 0.953, 0.944 / 0.955, 0.939 / 0.952 (4179 steps), 0.940 / 0.951 (4021):
+        # mean 0.941 / 0.953.
         {"width": 24, "depth": 4, "input_scale": 0.25, "output_upsample": "joint_bilateral"},
         {"batch_size": 16, "lr": 3e-3, "loss": "ce+dice", "loss_at": "net", "class_mix": 1.0,
          "mix_classes": ["person", "ellipse", "rectangle", "triangle"], "cache": True,
