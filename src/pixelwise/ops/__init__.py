@@ -1,5 +1,5 @@
 """Tensor operations that torchvision does not offer: Matrix NMS, greedy mask NMS, RoIAlign
-split between CPU threads, and per-pixel labels from scores.
+split between CPU threads, per-pixel labels from scores, and joint bilateral upsampling.
 
 The RoIAlign names are loaded on first use (PEP 562): `roi_align` imports torchvision, which
 importing a light submodule such as `pixelwise.ops.labels` (used by the metrics) should not
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pixelwise.ops.joint_bilateral import joint_bilateral_upsample
 from pixelwise.ops.labels import argmax_labels
 from pixelwise.ops.matrix_nms import (
     DECAY_KERNELS,
@@ -28,6 +29,7 @@ __all__ = [
     "ParallelMultiScaleRoIAlign",
     "argmax_labels",
     "greedy_nms_from_iou",
+    "joint_bilateral_upsample",
     "mask_iou_matrix",
     "mask_nms",
     "matrix_nms",
