@@ -80,7 +80,8 @@ RECIPES: dict[str, Recipe] = {
         # Tried, not kept (one run each unless said): 10000 images 0.910 / 0.923 (5842 steps);
         # input_stem "unshuffle" 0.904 / 0.924 (6373); width 24 0.917 / 0.931 (4269) and
         # 0.919 / 0.933 (seed 1, 4423), mean 0.918 / 0.932: +0.004, within the spread, for
-        # 1.6x the inference time; width 32 0.914 / 0.924 (3079). Before those:
+        # 1.6x the inference time (adopted below with the guided upsampling, over four runs);
+        # width 32 0.914 / 0.924 (3079). Before those:
         # three training seeds 0.873 / 0.889 (2918 steps), 0.866 / 0.884 (2600), 0.878 / 0.897
         # (3114); mean 0.872 / 0.890.
         # Before loss_at "net" (500 images): 0.846 / 0.871
