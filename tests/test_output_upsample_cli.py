@@ -15,7 +15,7 @@ from PIL import Image
 from pixelwise.cli import EXIT_USER_ERROR, main
 from pixelwise.ops.joint_bilateral import joint_bilateral_upsample
 from tests import test_predict_semantic as semantic_predict
-from tests.test_predict_semantic import _predict, _read_label
+from tests.test_predict_semantic import _predict, _read_label, _scramble
 
 rgb = semantic_predict.rgb  # the tiny trained run of the semantic prediction tests
 
@@ -26,23 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def half_scale(rgb: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint of the rgb run's U-Net rebuilt at input_scale 1/2 with random weights and
     batch-norm statistics (varied logits: label comparisons are not vacuous)."""
-    from pixelwise.engine.checkpoint import load_model, save_checkpoint
-    from pixelwise.models import build_model
-
-    _, meta = load_model(rgb[1])
-    config = dict(meta["model"], input_scale=0.5)
-    model = build_model(**config)
-    gen = torch.Generator().manual_seed(5)
-    state = {}
-    for key, value in model.state_dict().items():
-        if not value.is_floating_point():
-            state[key] = value
-        elif key.endswith("running_var"):
-            state[key] = torch.rand(value.shape, generator=gen) + 0.5
-        else:
-            state[key] = torch.randn(value.shape, generator=gen) * 0.5
-    path = tmp_path_factory.mktemp("half") / "half.safetensors"
-    return save_checkpoint(path, {"model": state}, dict(meta, model=config))
+    return _scramble(rgb[1], tmp_path_factory.mktemp("half") / "half.safetensors",
+                     input_scale=0.5)
 
 
 def test_predict_with_the_guided_upsampling(half_scale: Path, rgb: tuple[Path, Path],

@@ -53,12 +53,17 @@ def gray16(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return data, _train(data, root / "run")
 
 
-def _scramble(run: Path, path: Path) -> Path:
+def _scramble(run: Path, path: Path, **changes) -> Path:
     """A checkpoint file of `run` with random weights and batch-norm statistics: two training
-    steps leave one class almost everywhere, which would make label comparisons vacuous."""
+    steps leave one class almost everywhere, which would make label comparisons vacuous.
+    `changes`: model options to rebuild the architecture with first (e.g. input_scale)."""
     from pixelwise.engine.checkpoint import load_model, save_checkpoint
+    from pixelwise.models import build_model
 
     model, meta = load_model(run)
+    if changes:
+        meta = dict(meta, model=dict(meta["model"], **changes))
+        model = build_model(**meta["model"])
     gen = torch.Generator().manual_seed(5)
     state = {}
     for key, value in model.state_dict().items():
