@@ -67,3 +67,26 @@ def test_train_resume_eval_predict(data: Path, tmp_path: Path,
         assert len(r["bbox"]) == 4 and "counts" in r["segmentation"] and 0 <= r["score"] <= 1
     overlays = sorted(p.stem for p in (out / "overlays").iterdir())
     assert overlays == sorted(p.stem for p in (data / "images" / "val").iterdir())
+
+
+def test_mask_classifier_through_the_cli(data: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`--model-option mask_classifier=true`: its loss is logged, the checkpoint rebuilds it,
+    eval and predict use it."""
+    from pixelwise.engine.checkpoint import load_model
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--max-steps", "2", *TINY,
+                 "--model-option", "mask_classifier=true", "--model-option", "classifier_size=8",
+                 "--model-option", "classifier_widths=[8]"]) == 0
+    capsys.readouterr()
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "loss_mask_class" in json.dumps(record)
+    model, _ = load_model(run)
+    assert model.mask_classifier is not None and model.mask_classifier.size == 8
+    assert main(["eval", str(run), "--data", str(data), "--json"]) == 0
+    assert "AP50" in json.loads(capsys.readouterr().out)["segm"]
+    out = tmp_path / "pred"
+    assert main(["predict", str(run), str(data / "images" / "val"), "--out", str(out),
+                 "--score-threshold", "0"]) == 0
+    assert json.loads((out / "results.json").read_text())

@@ -48,11 +48,13 @@ from torchvision.models.detection.faster_rcnn import (
 )
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.ops import batched_nms
 
 from pixelwise.data.keypoints import DEFAULT_SIGMA, KeypointSchema
 from pixelwise.errors import UserError, unknown_name
 from pixelwise.models.fast_postprocess import FastRoIHeads, RCNNTransform
 from pixelwise.models.fpn_backbone import build_fpn_backbone
+from pixelwise.models.mask_classifier import MaskClassifier, top_k_classes
 from pixelwise.models.rcnn_heads import KeypointPredictor, MaskPredictor, UpsampleArg
 from pixelwise.models.rcnn_semantic import instance_semantic_target, rescore_with_semantic
 from pixelwise.models.semantic_fpn_head import (SemanticFPNHead, logits_at_original,
@@ -135,25 +137,109 @@ class MaskRCNN(tvd.MaskRCNN):
 
     ``semantic_head`` (a `SemanticFPNHead` over the FPN, `rcnn_semantic`): trained on labels
     made from the instance masks, its loss ``loss_semantic`` weighted by ``aux_semantic``; at
-    eval it re-scores the detections when ``semantic_rescore`` > 0 (and is not run otherwise)."""
+    eval it re-scores the detections when ``semantic_rescore`` > 0 (and is not run otherwise).
+
+    ``mask_classifier`` (a `MaskClassifier`, a pixelwise addition): a second stage that
+    re-decides each detection's class from its pasted mask and the image around its box.
+    Trained on the ground-truth masks at their boxes, each side moved at random by up to
+    ``classifier_jitter`` of the box's size ("loss_mask_class", cross-entropy x
+    ``classifier_weight``); at eval every detection is emitted with its ``classifier_top_k``
+    most probable classes (score x probability), then the box head's per-class NMS runs again
+    and the ``box_detections_per_img`` best are kept."""
 
     def __init__(self, backbone: nn.Module, num_classes: int | None = None, *,
                  min_size: int | Sequence[int] | None = None, max_size: int = 1333,
                  mask_threshold: float | None = 0.5, fast: bool = True,
                  semantic_head: nn.Module | None = None, aux_semantic: float = 0.0,
-                 semantic_rescore: float = 0.0, **kwargs: Any) -> None:
+                 semantic_rescore: float = 0.0, mask_classifier: MaskClassifier | None = None,
+                 classifier_top_k: int = 2, classifier_weight: float = 1.0,
+                 classifier_jitter: float = 0.1, **kwargs: Any) -> None:
         super().__init__(backbone, num_classes, min_size=1 if min_size is None else min_size,
                          max_size=max_size, **kwargs)
         _fast_parts(self, resize=min_size is not None, mask_threshold=mask_threshold, fast=fast)
         self.semantic_head = semantic_head
         self.aux_semantic = float(aux_semantic)
         self.semantic_rescore = float(semantic_rescore)
+        self.mask_classifier = mask_classifier
+        self.classifier_top_k = classifier_top_k
+        self.classifier_weight = float(classifier_weight)
+        self.classifier_jitter = float(classifier_jitter)
 
     def forward(self, images: list[torch.Tensor],
                 targets: list[dict[str, Any]] | None = None) -> Any:
+        cleaned = clean_targets(targets) if self.training and targets is not None else None
+        out = self._detector_forward(images, targets, cleaned)
+        if self.mask_classifier is None or (self.training and targets is None):
+            return out
+        if self.training:
+            return {**out, "loss_mask_class": self.classifier_loss(images, cleaned)}
+        return [self.reclassify(image, det) for image, det in zip(images, out)]
+
+    def _normalised(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Images (C, H, W) in [0, 1], normalised as the backbone sees them, zero-padded to one
+        batch (N, C, H, W) at their own size (the classifier crops by image coordinates)."""
+        mean = torch.as_tensor(self.transform.image_mean, dtype=torch.float32)[:, None, None]
+        std = torch.as_tensor(self.transform.image_std, dtype=torch.float32)[:, None, None]
+        height = max(int(img.shape[-2]) for img in images)
+        width = max(int(img.shape[-1]) for img in images)
+        batch = images[0].new_zeros(len(images), images[0].shape[0], height, width,
+                                    dtype=torch.float32)
+        for k, img in enumerate(images):
+            batch[k, :, : img.shape[-2], : img.shape[-1]] = (
+                img.to(torch.float32) - mean.to(img.device)) / std.to(img.device)
+        return batch
+
+    def classifier_loss(self, images: Sequence[torch.Tensor],
+                        targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The mask classifier's cross-entropy on the ground-truth masks at jittered boxes."""
+        classifier = self.mask_classifier
+        boxes = [t["boxes"] for t in targets]
+        if sum(len(b) for b in boxes) == 0:  # no object: a zero that reaches its parameters
+            return sum(p.sum() for p in classifier.parameters()) * 0.0
+        index = torch.cat([torch.full((len(b),), k, device=b.device)
+                           for k, b in enumerate(boxes)])  # (M,)
+        box = torch.cat(boxes)  # (M, 4)
+        size = (box[:, 2:] - box[:, :2]).repeat(1, 2)  # (M, 4) w, h, w, h
+        box = box + (torch.rand_like(box) * 2 - 1) * self.classifier_jitter * size
+        height = max(int(img.shape[-2]) for img in images)
+        width = max(int(img.shape[-1]) for img in images)
+        masks = torch.cat([torch.nn.functional.pad(  # each (N_k, h, w) -> (N_k, H, W)
+            t["masks"].to(torch.float32),
+            (0, width - t["masks"].shape[-1], 0, height - t["masks"].shape[-2]))
+            for t in targets])  # (M, H, W)
+        logits = classifier(self._normalised(images), index, masks, box, stride=1)
+        labels = torch.cat([t["labels"] for t in targets])
+        return torch.nn.functional.cross_entropy(logits.float(), labels - 1) * (
+            self.classifier_weight)
+
+    @torch.no_grad()
+    def reclassify(self, image: torch.Tensor, det: dict[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+        """One image's detections with the classes the mask classifier gives (class docstring)."""
+        if len(det["scores"]) == 0:
+            return det
+        masks = det["masks"][:, 0].to(torch.float32)  # (D, 1, H, W) -> (D, H, W)
+        zero = torch.zeros(len(masks), dtype=torch.int64, device=masks.device)
+        logits = self.mask_classifier(self._normalised([image]), zero, masks, det["boxes"],
+                                      stride=1)  # (D, K)
+        index, labels, scores = top_k_classes(logits.float().softmax(1), det["scores"],
+                                              self.classifier_top_k)
+        boxes = det["boxes"][index]
+        keep = batched_nms(boxes, scores, labels, self.roi_heads.nms_thresh)
+        keep = keep[: self.roi_heads.detections_per_img]  # by score, descending
+        out = {key: value[index][keep] for key, value in det.items()
+               if torch.is_tensor(value) and len(value) == len(det["scores"])}
+        out["labels"], out["scores"] = labels[keep], scores[keep]
+        return out
+
+    def _detector_forward(self, images: list[torch.Tensor],
+                          targets: list[dict[str, Any]] | None,
+                          cleaned: list[dict[str, torch.Tensor]] | None) -> Any:
+        """torchvision's forward (`cleaned`: the targets through `clean_targets`), with the
+        semantic branch when there is one."""
         raw = targets
         if self.training and targets is not None:
-            targets = clean_targets(targets)
+            targets = cleaned
         use_semantic = self.semantic_head is not None and (
             self.training or self.semantic_rescore > 0)
         if not use_semantic or (self.training and targets is None):
@@ -342,6 +428,13 @@ def mask_rcnn(
     semantic_channels: int = 64,
     semantic_rescore: float = 0.0,
     fast: bool = True,
+    mask_classifier: bool = False,
+    classifier_size: int = 32,
+    classifier_widths: Sequence[int] = (32, 64, 128),
+    classifier_margin: float = 0.15,
+    classifier_top_k: int = 2,
+    classifier_weight: float = 1.0,
+    classifier_jitter: float = 0.1,
 ) -> MaskRCNN:
     """Mask R-CNN with a `backbone`-FPN (resnet18/34/50, mobilenet_v3_large), random init or
     `weights` (a local classification state dict for the backbone).
@@ -366,6 +459,8 @@ def mask_rcnn(
     0: no branch, the plain Mask R-CNN). semantic_rescore in [0, 1]: at eval, how much that
     branch's class probabilities over each mask weigh in the detection's score (0: not at all;
     needs aux_semantic > 0).
+    mask_classifier: add the second-stage `MaskClassifier` (crops `classifier_size` px, CNN
+    `classifier_widths`, box margin `classifier_margin`; the rest: see `MaskRCNN`).
     """
     settings = dict(locals())  # the RPN / box options are passed on as they are (RPN_BOX_OPTIONS)
     _check_positive(num_classes=num_classes, box_detections_per_img=box_detections_per_img,
@@ -376,6 +471,11 @@ def mask_rcnn(
         raise UserError(f"semantic_rescore must be in [0, 1], got {semantic_rescore!r}")
     if semantic_rescore > 0 and aux_semantic == 0:
         raise UserError("semantic_rescore needs the semantic branch: set aux_semantic > 0")
+    _check_positive(classifier_top_k=classifier_top_k)
+    if not (isinstance(classifier_weight, (int, float)) and classifier_weight > 0):
+        raise UserError(f"classifier_weight must be > 0, got {classifier_weight!r}")
+    if not (isinstance(classifier_jitter, (int, float)) and 0 <= classifier_jitter < 0.5):
+        raise UserError(f"classifier_jitter must be in [0, 0.5), got {classifier_jitter!r}")
     body, kwargs = _common(num_classes, backbone, weights, trainable_layers, in_channels,
                            anchor_sizes, aspect_ratios, image_mean, image_std, fpn_channels,
                            head_norm, box_head_convs)
@@ -392,6 +492,11 @@ def mask_rcnn(
             num_classes, body.out_channels, body.strides[: len(body.featmap_names)],
             list(body.featmap_names), channels=semantic_channels),
         aux_semantic=aux_semantic, semantic_rescore=semantic_rescore,
+        mask_classifier=MaskClassifier(in_channels, num_classes - 1, size=classifier_size,
+                                       widths=classifier_widths, margin=classifier_margin
+                                       ) if mask_classifier else None,
+        classifier_top_k=min(classifier_top_k, num_classes - 1),
+        classifier_weight=classifier_weight, classifier_jitter=classifier_jitter,
         **kwargs,
     )
 

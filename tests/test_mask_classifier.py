@@ -1,0 +1,168 @@
+"""The second-stage mask classifier: boxes of masks, crops, the CNN, and its place in SOLOv2
+(training loss on sampled positive cells; eval: classes re-decided, top-k, Matrix NMS again)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pixelwise.errors import UserError
+from pixelwise.models.mask_classifier import MaskClassifier, crop_inputs, mask_boxes
+from pixelwise.models.rcnn import mask_rcnn
+from pixelwise.models.solov2 import solov2
+from tests.test_solov2 import TINY as SOLOV2_TINY
+
+TINY_RCNN = dict(backbone="resnet18", fpn_channels=32, mask_head_layers=[16],
+                 box_score_thresh=0.0, rpn_post_nms_top_n_test=50, classifier_widths=[8, 16])
+TINY = {**SOLOV2_TINY, "score_threshold": 0.0, "update_threshold": 0.0}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_mask_boxes_by_hand() -> None:
+    masks = torch.zeros(3, 6, 8, dtype=torch.bool)
+    masks[0, 1:3, 2:7] = True  # rows 1-2, columns 2-6
+    masks[1, 5, 0] = True  # one pixel in the bottom-left corner
+    boxes, valid = mask_boxes(masks)
+    assert boxes.tolist() == [[2, 1, 7, 3], [0, 5, 1, 6], [0, 0, 0, 0]]
+    assert valid.tolist() == [True, True, False]
+
+
+def test_crops_follow_boxes_strides_and_images() -> None:
+    images = torch.zeros(2, 3, 32, 32)
+    images[1, :, 8:24, 8:24] = 1.0  # image 1: a bright square on input pixels 8..23
+    masks = torch.zeros(2, 8, 8)
+    masks[:, 2:6, 2:6] = 0.75  # the same square at stride 4
+    boxes = torch.tensor([[2.0, 2.0, 6.0, 6.0]] * 2)
+    tight = crop_inputs(images, torch.tensor([0, 1]), masks, boxes, stride=4, size=8, margin=0)
+    assert tight.shape == (2, 4, 8, 8)
+    assert torch.equal(tight[0, :3], torch.zeros(3, 8, 8))  # image 0 has no square
+    assert torch.equal(tight[1, :3], torch.ones(3, 8, 8))  # samples stay inside the box
+    # the mask: 2 bins per mask pixel, samples 1/8 and 3/8 into a bin (aligned: pixel centres
+    # at i + 0.5), so the edge bins blend with the zeros outside: (0.625 + 0.875) / 2 = 0.75
+    edge = torch.tensor([0.75, 1, 1, 1, 1, 1, 1, 0.75])
+    assert torch.equal(tight[:, 3], (0.75 * edge[:, None] * edge[None, :]).expand(2, 8, 8))
+    wide = crop_inputs(images, torch.tensor([1, 1]), masks, boxes, stride=4, size=8, margin=0.5)
+    # the box grown by half its side per side: the middle half is the square, the corners not
+    assert torch.equal(wide[0, :3, 2:6, 2:6], torch.ones(3, 4, 4))
+    assert wide[0, :3, 0, 0].abs().max() == 0 and wide[0, 3, 0, 0] == 0
+
+
+def test_classifier_shapes_detached_masks_and_refusals() -> None:
+    torch.manual_seed(0)
+    net = MaskClassifier(3, 5, size=16, widths=(8, 16))
+    images = torch.rand(2, 3, 32, 32)
+    masks = torch.rand(3, 8, 8, requires_grad=True)
+    boxes = torch.tensor([[1.0, 1.0, 5.0, 6.0], [0.0, 0.0, 8.0, 8.0], [3.0, 2.0, 4.0, 3.0]])
+    logits = net(images, torch.tensor([0, 1, 1]), masks, boxes, stride=4)
+    assert logits.shape == (3, 5)
+    logits.sum().backward()
+    assert masks.grad is None  # the classifier never changes the masks it reads
+    assert net.classify.weight.grad is not None
+    for options, message in [({"widths": ()}, "widths"), ({"widths": (8, 0)}, "widths"),
+                             ({"size": 2, "widths": (8, 16)}, "size"),
+                             ({"margin": -0.1}, "margin")]:
+        with pytest.raises(UserError, match=message):
+            MaskClassifier(3, 5, **options)
+
+
+def _scene() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    masks = torch.zeros(2, 64, 80, dtype=torch.uint8)
+    masks[0, 8:30, 10:40] = 1
+    masks[1, 36:60, 44:76] = 1
+    images = [torch.rand(3, 64, 80), torch.rand(3, 48, 64)]
+    targets = [{"masks": masks, "labels": torch.tensor([1, 3]),
+                "boxes": torch.tensor([[10.0, 8, 40, 30], [44, 36, 76, 60]])},
+               {"masks": torch.zeros(0, 48, 64, dtype=torch.uint8),
+                "labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    return images, targets
+
+
+def _build(name: str, **options):
+    if name == "solov2":
+        return solov2(4, **{**TINY, **options})
+    return mask_rcnn(4, **{**TINY_RCNN, **options})
+
+
+MODELS = ["solov2", "mask_rcnn"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_training_loss_reaches_only_the_classifier(name: str) -> None:
+    torch.manual_seed(0)
+    model = _build(name, mask_classifier=True).train()
+    images, targets = _scene()
+    losses = model(images, targets)
+    assert "loss_mask_class" in losses and "loss_mask" in losses
+    # an untrained classifier (zero-initialised last layer... almost): about log K
+    assert losses["loss_mask_class"].item() == pytest.approx(math.log(3), abs=0.05)
+    losses["loss_mask_class"].backward()
+    assert model.mask_classifier.classify.weight.grad.abs().sum() > 0
+    others = [p.grad for n, p in model.named_parameters() if not n.startswith("mask_classifier")]
+    assert all(g is None for g in others)  # detached masks, input images: nothing else learns
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_classifier_loss_without_objects(name: str) -> None:
+    model = _build(name, mask_classifier=True).train()
+    images, targets = _scene()
+    loss = model(images[1:], targets[1:])["loss_mask_class"]
+    assert loss.item() == 0.0
+    loss.backward()  # still reaches every classifier parameter (DDP needs that)
+    assert all(p.grad is not None for p in model.mask_classifier.parameters())
+
+
+def _forced(model, probabilities: list[float]) -> None:
+    """Make the classifier answer `probabilities` for every input (weights 0, log-biases)."""
+    with torch.no_grad():
+        model.mask_classifier.classify.weight.zero_()
+        model.mask_classifier.classify.bias.copy_(torch.tensor(probabilities).log())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_eval_relabels_with_the_top_classes(name: str) -> None:
+    torch.manual_seed(1)
+    plain = _build(name).eval()
+    images, _ = _scene()
+    with torch.no_grad():
+        before = plain(images[:1])[0]
+    assert len(before["scores"]) > 1
+    top = before["scores"].max().item()
+
+    for top_k, probabilities in [(1, [1e-12, 1e-12, 1.0]), (2, [0.3, 0.1, 0.6])]:
+        model = _build(name, mask_classifier=True, classifier_top_k=top_k).eval()
+        missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
+        assert missing and all(k.startswith("mask_classifier.") for k in missing)
+        _forced(model, probabilities)
+        with torch.no_grad():
+            after = model(images[:1])[0]
+        labels = after["labels"]
+        if top_k == 1:  # every mask is class 3 now; one class, so NMS removes more
+            assert set(labels.tolist()) == {3}
+            assert len(labels) <= len(before["labels"])
+            assert after["scores"].max().item() == pytest.approx(top, rel=1e-6)
+            best = before["scores"].argmax()
+            assert torch.equal(after["boxes"][0], before["boxes"][best])
+            assert torch.equal(after["masks"][0], before["masks"][best])
+        else:  # each mask as class 3 (x 0.6) and class 1 (x 0.3); the best of each undecayed
+            assert set(labels.tolist()) == {1, 3}
+            assert after["scores"][labels == 3].max().item() == pytest.approx(0.6 * top, rel=1e-5)
+            assert after["scores"][labels == 1].max().item() == pytest.approx(0.3 * top, rel=1e-5)
+        assert after["masks"].shape[1:] == (1, 64, 80) and len(after["boxes"]) == len(labels)
+        assert torch.all(after["scores"][:-1] >= after["scores"][1:])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_classifier_options_are_checked(name: str) -> None:
+    bad = [({"classifier_top_k": 0}, "classifier_top_k"),
+           ({"classifier_weight": 0.0}, "classifier_weight"),
+           ({"classifier_widths": [8, -1]}, "widths")]
+    bad += ([({"classifier_samples": 0}, "classifier_samples")] if name == "solov2" else
+            [({"classifier_jitter": 0.5}, "classifier_jitter")])
+    for options, message in bad:
+        with pytest.raises(UserError, match=message):
+            _build(name, mask_classifier=True, **options)
+    # top-k beyond the classes is capped at K (3 things)
+    assert _build(name, mask_classifier=True, classifier_top_k=5).classifier_top_k == 3
