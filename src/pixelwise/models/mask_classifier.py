@@ -4,12 +4,13 @@ SOLOv2 decides an object's class in the grid cell at its centre, from the catego
 view of that cell's neighbourhood. On pixelwise's synthetic shapes, whose classes differ only in
 outline (colours and textures are random), a trained SOLOv2's masks were right far more often
 than its classes: class-agnostic segm AP50 0.79 against 0.62 with classes; 39 % of its
-detections that matched an object (mask IoU >= 0.5) had the wrong class. `MaskClassifier` looks at the whole object instead: the predicted mask
-and the image, both cropped around the mask's box (plus a margin) and resized to R x R by
-`torchvision.ops.roi_align`, through a small CNN -> K class logits. It is a pixelwise addition,
-not part of the paper (compare Mask Scoring R-CNN's head that reads a predicted mask with the
-features). SOLOv2 trains it on its own predicted masks (detached, so it never changes them),
-Mask R-CNN on the ground-truth masks; `SOLOv2` and `rcnn.MaskRCNN` say how they use it.
+detections that matched an object (mask IoU >= 0.5) had the wrong class. `MaskClassifier` looks
+at the whole object instead: the predicted mask and the image, both cropped around the mask's
+box (plus a margin) and resized to R x R by `torchvision.ops.roi_align`, through a small CNN
+-> K class logits. It is a pixelwise addition, not part of the paper (compare Mask Scoring
+R-CNN's head that reads a predicted mask with the features). SOLOv2 trains it on its own
+predicted masks (detached, so it never changes them), Mask R-CNN on the ground-truth masks;
+`SOLOv2` and `rcnn.MaskRCNN` say how they use it.
 
 Layout of the CNN for widths (w0, w1, ..., wn): a 3x3 conv to w0 at R x R, then per further width
 a stride-2 3x3 conv and a 3x3 conv, then a stride-2 3x3 conv, global average pooling and a linear

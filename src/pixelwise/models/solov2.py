@@ -10,9 +10,9 @@ Contract (torchvision's detection models, so the instance task shares predict / 
 `mask_rcnn`): ``forward(images, targets=None)`` with images a list of (C, H, W) float tensors in
 [0, 1] (sizes may differ) and targets a list of dicts with ``masks`` (N, H, W) {0, 1} and
 ``labels`` (N,) int64 1..K (``iscrowd`` == 1 instances are left out; ``boxes`` are ignored).
-Training: ``{"loss_category", "loss_mask"}``. Eval: per image ``{"boxes" (D, 4) float XYXY,
-"labels" (D,) int64 1..K, "scores" (D,), "masks" (D, 1, H, W) float probabilities}``, by score
-descending.
+Training: ``{"loss_category", "loss_mask"}`` (and ``"loss_mask_class"`` with a mask
+classifier). Eval: per image ``{"boxes" (D, 4) float XYXY, "labels" (D,) int64 1..K, "scores"
+(D,), "masks" (D, 1, H, W) float probabilities}``, by score descending.
 
 Levels and defaults follow the official code: the head sees P2 (downsampled 2x), P3, P4, P5 and
 P6 (resized to P5), strides 8, 8, 16, 32, 32, with grids (40, 36, 24, 16, 12) and scale ranges
