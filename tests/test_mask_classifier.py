@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pixelwise.errors import UserError
-from pixelwise.models.mask_classifier import MaskClassifier, crop_inputs, mask_boxes
+from pixelwise.models.mask_classifier import MaskClassifier, crop_inputs
+from pixelwise.models.solov2_targets import mask_boxes
 from pixelwise.models.rcnn import mask_rcnn
 from pixelwise.models.solov2 import solov2
 from tests.test_solov2 import TINY as SOLOV2_TINY

@@ -32,25 +32,6 @@ from torchvision.ops import roi_align
 from pixelwise.errors import UserError
 
 
-def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boxes of binary masks (M, h, w): (M, 4) XYXY pixel edges [x1, y1, x2 + 1, y2 + 1] and
-    (M,) bool, False where a mask is empty (its box is then all zeros)."""
-    _, h, w = masks.shape
-    rows, cols = masks.any(2), masks.any(1)  # (M, h), (M, w)
-
-    def span(present: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.arange(length, device=present.device)
-        first = torch.where(present, idx, length).min(1).values  # (M,)
-        last = torch.where(present, idx, -1).max(1).values  # (M,)
-        return first, last + 1
-
-    y1, y2 = span(rows, h)
-    x1, x2 = span(cols, w)
-    valid = rows.any(1)
-    boxes = torch.stack([x1, y1, x2, y2], dim=1).to(torch.float32)  # (M, 4)
-    return boxes * valid[:, None], valid
-
-
 def top_k_classes(probabilities: torch.Tensor, scores: torch.Tensor, k: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each of D detections once per one of its `k` most probable classes.

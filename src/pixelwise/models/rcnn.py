@@ -176,17 +176,16 @@ class MaskRCNN(tvd.MaskRCNN):
         return [self.reclassify(image, det) for image, det in zip(images, out)]
 
     def _normalised(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Images (C, H, W) in [0, 1], normalised as the backbone sees them, zero-padded to one
-        batch (N, C, H, W) at their own size (the classifier crops by image coordinates)."""
-        mean = torch.as_tensor(self.transform.image_mean, dtype=torch.float32)[:, None, None]
-        std = torch.as_tensor(self.transform.image_std, dtype=torch.float32)[:, None, None]
+        """Images (C, H, W) in [0, 1], normalised as the backbone sees them (the transform's
+        own `normalize`), zero-padded to one batch (N, C, H, W) at their own size (the
+        classifier crops by image coordinates, not the transform's resized ones)."""
         height = max(int(img.shape[-2]) for img in images)
         width = max(int(img.shape[-1]) for img in images)
         batch = images[0].new_zeros(len(images), images[0].shape[0], height, width,
                                     dtype=torch.float32)
         for k, img in enumerate(images):
-            batch[k, :, : img.shape[-2], : img.shape[-1]] = (
-                img.to(torch.float32) - mean.to(img.device)) / std.to(img.device)
+            batch[k, :, : img.shape[-2], : img.shape[-1]] = self.transform.normalize(
+                img.to(torch.float32))
         return batch
 
     def classifier_loss(self, images: Sequence[torch.Tensor],

@@ -41,10 +41,11 @@ from torchvision.ops import masks_to_boxes
 from pixelwise.decoders._upsample import per_stage
 from pixelwise.errors import UserError, unknown_name
 from pixelwise.models.fpn_backbone import build_fpn_backbone
-from pixelwise.models.mask_classifier import MaskClassifier, mask_boxes, top_k_classes
+from pixelwise.models.mask_classifier import MaskClassifier, top_k_classes
 from pixelwise.models.solov2_head import MaskFeatureBranch, SOLOv2Head
 from pixelwise.models.solov2_loss import category_loss, dice_loss
-from pixelwise.models.solov2_targets import LevelTargets, mask_targets, solov2_targets
+from pixelwise.models.solov2_targets import (LevelTargets, mask_boxes, mask_targets,
+                                             solov2_targets)
 from pixelwise.ops import DECAY_KERNELS, matrix_nms
 
 logger = logging.getLogger(__name__)
@@ -246,12 +247,13 @@ class SOLOv2(nn.Module):
                 k = torch.cat(chosen)  # (P, E)
                 feat = mask_features[b]  # (E, h, w)
                 logits = (k @ feat.flatten(1)).reshape(-1, *feat.shape[-2:])  # (P, h, w)
-                dice.append(dice_loss(logits.sigmoid(), torch.cat(wanted)))
+                wanted_masks = torch.cat(wanted)  # (P, h, w)
+                dice.append(dice_loss(logits.sigmoid(), wanted_masks))
                 num_positive += k.shape[0]
                 if self.mask_classifier is not None:
                     pick = torch.randperm(len(k), device=k.device)[: self.classifier_samples]
                     samples.append((b, logits[pick].detach().sigmoid(),
-                                    torch.cat(wanted)[pick], torch.cat(classes)[pick]))
+                                    wanted_masks[pick], torch.cat(classes)[pick]))
         loss_category = category_loss(cates, all_levels, num_positive,
                                       alpha=self.focal_alpha, gamma=self.focal_gamma)
         if dice:

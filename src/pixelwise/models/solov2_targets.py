@@ -48,6 +48,25 @@ class LevelTargets:
         return torch.nonzero(self.instance >= 0).flatten()
 
 
+def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes of binary masks (M, h, w): (M, 4) XYXY pixel edges [x1, y1, x2 + 1, y2 + 1] and
+    (M,) bool, False where a mask is empty (its box is then all zeros)."""
+    _, h, w = masks.shape
+    rows, cols = masks.any(2), masks.any(1)  # (M, h), (M, w)
+
+    def span(present: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.arange(length, device=present.device)
+        first = torch.where(present, idx, length).min(1).values  # (M,)
+        last = torch.where(present, idx, -1).max(1).values  # (M,)
+        return first, last + 1
+
+    y1, y2 = span(rows, h)
+    x1, x2 = span(cols, w)
+    valid = rows.any(1)
+    boxes = torch.stack([x1, y1, x2, y2], dim=1).to(torch.float32)  # (M, 4)
+    return boxes * valid[:, None], valid
+
+
 def instance_geometry(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per mask of (N, H, W): centre of mass (N, 2) as continuous (y, x) (pixel centres at
     i + 0.5), bounding-box height / width (N, 2) in pixels, and area (N,). Empty masks: area 0
@@ -62,15 +81,8 @@ def instance_geometry(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     safe = area.clamp_min(1)
     centre = torch.stack([(rows * ys).sum(1) / safe, (cols * xs).sum(1) / safe], dim=1)
 
-    def extent(profile: torch.Tensor) -> torch.Tensor:  # (N, L) -> (N,) last - first + 1
-        present = profile > 0
-        length = profile.shape[1]
-        idx = torch.arange(length, device=profile.device)
-        first = torch.where(present, idx, length).min(1).values
-        last = torch.where(present, idx, -1).max(1).values
-        return (last - first + 1).clamp_min(0).to(torch.float32)
-
-    size = torch.stack([extent(rows), extent(cols)], dim=1)  # (N, 2) height, width
+    boxes, _ = mask_boxes(masks > 0)  # (N, 4) pixel edges; zeros for empty masks
+    size = torch.stack([boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], dim=1)  # (N, 2)
     return centre, size, area
 
 
