@@ -158,7 +158,10 @@ RECIPES: dict[str, Recipe] = {
          "mask_channels": 64, "stacked_convs": 2,
          "scale_ranges": [[1, 32], [16, 64], [32, 128], [64, 256], [128, 2048]],
          "mask_classifier": True},
-        {"batch_size": 4, "lr": 5e-4, "clip_grad": 10.0, "channels_last": True}),
+        {"batch_size": 4, "lr": 5e-4, "clip_grad": 10.0, "channels_last": True},
+        # SOLOv2's own test-time flip (`SOLOv2.set_flip_test`: grid cells averaged with their
+        # mirror cells, masks with theirs, the classifier over its crops' 8 symmetries)
+        tta={"tta": "flip"}),
     "keypoints": Recipe(
         "keypoints", "keypoint_rcnn", 20, {"keypoints.AP": 0.5}, {"num": 400},
         {**{k: v for k, v in RCNN.items() if k != "mask_head_layers"},
@@ -204,13 +207,13 @@ def ms_per_image(run: Path, data: Path, task: Any, images: int = 20,
     """Median eval-mode forward time (ms) of the run's best model on single val images, at the
     current number of threads (with `tta`: all its views)."""
     from pixelwise.engine.checkpoint import load_model
-    from pixelwise.predict.tta import AugmentedModel, parse_tta
+    from pixelwise.predict.tta import apply_tta, parse_tta
 
     model, _ = load_model(run, "best")
     model.eval()
     if tta:
-        model = AugmentedModel(model, parse_tta(tta.get("tta"), tta.get("tta_scales"),
-                                                task.name))
+        model = apply_tta(model, parse_tta(tta.get("tta"), tta.get("tta_scales"), task.name),
+                          task.name, run)
     dataset = task.dataset(data, "val")
     times = []
     with torch.inference_mode():
@@ -280,6 +283,8 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
         for key in ("AP", "AP50"):
             if head in metrics:
                 reached.setdefault(f"{head}.{key}", float(metrics[head][key]))
+            if one_pass is not None and head in plain:  # in the same order
+                one_pass.setdefault(f"{head}.{key}", float(plain[head][key]))
     return {
         "recipe": name + tag,
         "overrides": {"options": options or {}, "train": train_options or {},

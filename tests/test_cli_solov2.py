@@ -54,12 +54,26 @@ def test_train_resume_eval_predict(data: Path, tmp_path: Path,
     assert main(["eval", str(run), "--data", str(data), "--checkpoint", "last", "--json",
                  "--max-dets", "150"]) == 0  # more detections scored per image: AR100 -> AR150
     assert "AR150" in json.loads(capsys.readouterr().out)["segm"]
+    # test-time flip: other detections, the same metrics' names
+    assert main(["eval", str(run), "--data", str(data), "--checkpoint", "last", "--json",
+                 "--tta", "flip"]) == 0
+    flipped = json.loads(capsys.readouterr().out)
+    assert flipped["segm"].keys() == metrics["segm"].keys() and flipped != metrics
+    assert main(["eval", str(run), "--data", str(data), "--tta-scales", "1,2"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--tta-scales is for semantic runs; "
+                                                    "instance runs take --tta flip (solov2)")
 
     out = tmp_path / "pred"
     assert main(["predict", str(run), str(data / "images" / "val"), "--out", str(out),
                  "--score-threshold", "0"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results
+    capsys.readouterr()
+    assert main(["predict", str(run), str(data / "images" / "val"), "--out",
+                 str(tmp_path / "pred_flip"), "--score-threshold", "0", "--tta", "flip",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tta"] == {"flip": True, "scales": [1.0]}
+    assert json.loads((tmp_path / "pred_flip" / "results.json").read_text()) != results
     gt = json.loads((data / "annotations" / "instances_val.json").read_text())
     assert {r["image_id"] for r in results} <= {im["id"] for im in gt["images"]}
     assert {r["category_id"] for r in results} <= {c["id"] for c in gt["categories"]}

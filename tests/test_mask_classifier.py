@@ -167,3 +167,38 @@ def test_classifier_options_are_checked(name: str) -> None:
             _build(name, mask_classifier=True, **options)
     # top-k beyond the classes is capped at K (3 things)
     assert _build(name, mask_classifier=True, classifier_top_k=5).classifier_top_k == 3
+
+
+def _d4(crops: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 symmetries of the square as the 4 rotations of the crop and of its mirror image."""
+    return [torch.rot90(c, k, dims=(-2, -1)) for c in (crops, crops.flip(-1)) for k in range(4)]
+
+
+def test_symmetric_test_averages_the_eight_views() -> None:
+    """`symmetries=True` (eval): the log of the mean softmax over the crop's 8 symmetries,
+    computed here from rotations; mirrored inputs (image, mask and box) give the same answer."""
+    torch.manual_seed(3)
+    net = MaskClassifier(3, 4, size=16, widths=(8, 16))
+    with torch.no_grad():  # BatchNorm statistics other than the identity
+        net.train()(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]), torch.rand(2, 8, 8),
+                    torch.tensor([[1.0, 1.0, 6.0, 7.0]] * 2), stride=4)
+        torch.nn.init.normal_(net.classify.weight)  # away from the near-uniform start
+    net.eval()
+    images, masks = torch.rand(1, 3, 32, 32), torch.rand(2, 8, 8)
+    boxes = torch.tensor([[1.0, 2.0, 6.0, 7.0], [0.0, 0.0, 5.0, 3.0]])
+    index = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        got = net(images, index, masks, boxes, stride=4, symmetries=True)
+        crops = crop_inputs(images, index, masks, boxes, stride=4, size=16, margin=net.margin)
+        probs = [net.classify(net.features(v).mean(dim=(2, 3))).softmax(1) for v in _d4(crops)]
+        expected = torch.stack(probs).mean(0)  # (2, 4)
+        torch.testing.assert_close(got.exp(), expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(expected, probs[0], atol=1e-3)  # the views differ
+        # the mirror image of everything: each box x -> 8 - x in mask pixels
+        mirrored_boxes = torch.stack([8 - boxes[:, 2], boxes[:, 1], 8 - boxes[:, 0],
+                                      boxes[:, 3]], dim=1)
+        mirrored = net(images.flip(-1), index, masks.flip(-1), mirrored_boxes, stride=4,
+                       symmetries=True)
+        torch.testing.assert_close(mirrored, got, rtol=1e-4, atol=1e-5)
+        plain = net(images, index, masks, boxes, stride=4)
+        torch.testing.assert_close(plain.softmax(1), probs[0], rtol=1e-5, atol=1e-6)

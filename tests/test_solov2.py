@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pixelwise.data.coco import CocoInstances
 from pixelwise.data.synthetic import synthesize
@@ -245,3 +246,76 @@ def test_no_detections() -> None:
     (det,) = model([torch.rand(3, 40, 40)])
     assert det["masks"].shape == (0, 1, 40, 40) and det["boxes"].shape == (0, 4)
     assert det["labels"].shape == (0,) and det["scores"].shape == (0,)
+
+
+def test_detect_flip_test_hand_built() -> None:
+    """The test-time flip: a cell's category probability averages with its mirror cell's
+    (column S-1-j) of the mirrored canvas, its mask with the mirror cell's mask mirrored back."""
+    model = tiny(num_classes=2, kernel_channels=1, grid_sizes=(2, 2, 2, 2, 2)).eval()
+    feat = torch.full((1, 16, 16), -10.0)
+    feat[0, 4:8, 4:12] = 10.0  # the canvas: columns 4..11 at 1/4 resolution
+    cates = [torch.full((1, 2, 2), -10.0) for _ in range(5)]
+    cates[0][0, 0, 0] = math.log(0.9 / 0.1)  # p = 0.9 at level 0, cell (0, 0)
+    kernels = [torch.ones(1, 2, 2) for _ in range(5)]
+    # the mirrored canvas: p = 0.5 at cell (0, 1) = the mirror of (0, 0); its kernel there
+    # (and nowhere else) finds columns 8..11 (mirrored: 4..7) at +10 and 4..7 (mirrored: 8..11)
+    # at -2
+    m_cates = [torch.full((1, 2, 2), -10.0) for _ in range(5)]
+    m_cates[0][0, 0, 1] = 0.0
+    m_feat = torch.full((1, 16, 16), -10.0)
+    m_feat[0, 4:8, 8:12] = 10.0
+    m_feat[0, 4:8, 4:8] = -2.0
+    m_kernels = [torch.full((1, 2, 2), -1.0) for _ in range(5)]
+    m_kernels[0][0, 0, 1] = 1.0
+    det = model.detect(cates, kernels, feat, (64, 64), (64, 64),
+                       mirror=(m_cates, m_kernels, m_feat))
+    high, low = torch.sigmoid(torch.tensor(10.0)), torch.sigmoid(torch.tensor(-2.0))
+    mask = torch.full((16, 16), float(torch.sigmoid(torch.tensor(-10.0))))  # both -10
+    mask[4:8, 4:8] = high
+    mask[4:8, 8:12] = (high + low) / 2  # 0.56: still inside the mask
+    maskness = mask[4:8, 4:12].mean()
+    assert det["labels"].tolist() == [1]
+    torch.testing.assert_close(det["scores"], (0.7 * maskness)[None])
+    expected = F.interpolate(mask[None, None], size=(64, 64), mode="bilinear",
+                             align_corners=False)[0]
+    torch.testing.assert_close(det["masks"][0], expected)
+    # without the mirror: the canvas's own cell, 0.9 and its own mask
+    plain = model.detect(cates, kernels, feat, (64, 64), (64, 64))
+    torch.testing.assert_close(plain["scores"], (0.9 * high)[None])
+
+
+def test_flip_test_runs_the_mirrored_canvas() -> None:
+    """`set_flip_test(True)`: each image's detections are `detect` with the network's maps of
+    the mirrored (padded) canvas; images of two sizes in one batch; its mask classifier
+    averages the crops' symmetries; off again: as before."""
+    torch.manual_seed(0)
+    model = tiny(score_threshold=0.0, update_threshold=0.0, mask_classifier=True,
+                 classifier_size=8, classifier_widths=[8]).eval()
+    images = [torch.rand(3, 40, 56), torch.rand(3, 64, 48)]
+    calls = []
+    classify = model.mask_classifier.forward
+    model.mask_classifier.forward = lambda *a, **kw: calls.append(kw["symmetries"]) or classify(
+        *a, **kw)
+    with torch.no_grad():
+        plain = model(images)
+        assert calls == [False, False]
+        model.set_flip_test(True)
+        flipped = model(images)
+        assert calls[2:] == [True, True]
+        batch, sizes = model.batch_images(images)
+        cates, kernels, features = model.predict_maps(batch)
+        m_cates, m_kernels, m_features = model.predict_maps(batch.flip(-1))
+        for b, det in enumerate(flipped):
+            expected = model.detect([c[b] for c in cates], [k[b] for k in kernels], features[b],
+                                    sizes[b], tuple(batch.shape[-2:]), batch[b],
+                                    mirror=([c[b] for c in m_cates], [k[b] for k in m_kernels],
+                                            m_features[b]))
+            assert det.keys() == expected.keys()
+            for key in det:
+                torch.testing.assert_close(det[key], expected[key])
+            assert det["masks"].shape[-2:] == images[b].shape[-2:]
+            assert not torch.equal(det["scores"], plain[b]["scores"])
+        model.set_flip_test(False)
+        again = model(images)
+    for before, after in zip(plain, again):
+        torch.testing.assert_close(after["scores"], before["scores"])

@@ -98,9 +98,30 @@ def test_parse_tta_names_the_valid_choices_and_the_task() -> None:
         parse_tta(None, [0, 1], "semantic")
     with pytest.raises(UserError, match=r"got none$"):
         parse_tta("flip", [], "semantic")
-    with pytest.raises(UserError, match=r"^--tta/--tta-scales are for semantic runs, not "
-                                        r"instance runs$"):
-        parse_tta("flip", None, "instance")
+    assert parse_tta("flip", None, "instance") == TTA(flip=True)  # solov2's own flip test
+    with pytest.raises(UserError, match=r"^--tta-scales is for semantic runs; instance runs "
+                                        r"take --tta flip \(solov2\)$"):
+        parse_tta("flip", [1, 1.5], "instance")
+    with pytest.raises(UserError, match=r"^--tta/--tta-scales are for semantic runs \(and "
+                                        r"--tta flip for solov2 instance runs\), not keypoints "
+                                        r"runs$"):
+        parse_tta("flip", None, "keypoints")
+
+
+def test_apply_tta_wraps_semantic_models_and_switches_solov2() -> None:
+    from pixelwise.models.solov2 import SOLOv2
+    from pixelwise.predict.tta import apply_tta
+    from tests.test_solov2 import tiny
+
+    semantic = nn.Conv2d(3, 2, 1)
+    assert apply_tta(semantic, None, "semantic") is semantic
+    assert isinstance(apply_tta(semantic, TTA(flip=True), "semantic"), AugmentedModel)
+    model = tiny()
+    assert isinstance(model, SOLOv2) and not model.flip_test
+    assert apply_tta(model, TTA(flip=True), "instance") is model and model.flip_test
+    with pytest.raises(UserError, match=r"^run/best.safetensors: --tta flip is for solov2 "
+                                        r"among instance models, not Conv2d$"):
+        apply_tta(semantic, TTA(flip=True), "instance", "run/best.safetensors")
 
 
 def _image_tensor(path: Path) -> torch.Tensor:

@@ -60,8 +60,9 @@ def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which:
     """The task's metrics of `run_dir`'s checkpoint on `split` of `data` (`skip_bad`: bad
     samples are logged and left out of the metrics; `max_dets`: COCO detections scored per
     image, instance and keypoints tasks; `tta` ("flip") / `tta_scales`: test-time augmentation,
-    semantic runs, `pixelwise.predict.tta`; `output_upsample`: a unet run's output upsampling
-    instead of its own, `UNet.set_output_upsample`)."""
+    semantic runs (and flip for solov2 instance runs), `pixelwise.predict.tta`;
+    `output_upsample`: a unet run's output upsampling instead of its own,
+    `UNet.set_output_upsample`)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -69,7 +70,7 @@ def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which:
     from pixelwise.engine.distributed import resolve_device
     from pixelwise.engine.loader import DropBadSamples
     from pixelwise.errors import UserError
-    from pixelwise.predict.tta import AugmentedModel, parse_tta
+    from pixelwise.predict.tta import apply_tta, parse_tta
     from pixelwise.tasks import build_task
 
     if batch_size < 1:
@@ -93,8 +94,7 @@ def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which:
     dev = resolve_device(device)
     model, meta = load_model(path, device=dev)
     apply_output_upsample(model, output_upsample, path)
-    if augmentation is not None:
-        model = AugmentedModel(model, augmentation)
+    model = apply_tta(model, augmentation, task.name, path)
     size = train_cfg.get("size")
     dataset = task.dataset(data, split, size=tuple(size) if size else None, train=False,
                            skip_bad=skip_bad)

@@ -161,7 +161,7 @@ def predict_run(args: argparse.Namespace, on_error: Any = None) -> dict[str, Any
         min_overlap,
         predict_files,
     )
-    from pixelwise.predict.tta import parse_tta
+    from pixelwise.predict.tta import apply_tta, parse_tta
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -198,7 +198,9 @@ def predict_run(args: argparse.Namespace, on_error: Any = None) -> dict[str, Any
         raise UserError(f"--score-threshold applies to instance and keypoint models, not to "
                         f"{task_name} models")
     extra = {"score_threshold": args.score_threshold} if args.score_threshold is not None else {}
-    if tta is not None:
+    if tta is not None and detection:  # the model's own test-time flip
+        model = apply_tta(model, tta, task_name, path)
+    elif tta is not None:
         extra["tta"] = tta
     if task_name == "panoptic":
         extra = {"gt_json": args.gt_json, "fusion": _fusion_options(args)}

@@ -103,14 +103,32 @@ class MaskClassifier(nn.Module):
         nn.init.zeros_(self.classify.bias)
 
     def forward(self, images: torch.Tensor, image_index: torch.Tensor, masks: torch.Tensor,
-                boxes: torch.Tensor, *, stride: int) -> torch.Tensor:
-        """Logits (M, K); arguments as `crop_inputs` (masks are not differentiated)."""
+                boxes: torch.Tensor, *, stride: int, symmetries: bool = False) -> torch.Tensor:
+        """Logits (M, K); arguments as `crop_inputs` (masks are not differentiated).
+
+        `symmetries` (eval only, test-time augmentation): the log of the class probabilities
+        averaged over the crop's 8 symmetries, in place of logits (its softmax is that mean)."""
         crops = crop_inputs(images, image_index, masks.detach(), boxes, stride=stride,
                             size=self.size, margin=self.margin)  # (M, C + 1, R, R)
         crops = crops.to(self.classify.weight.dtype)
         if self.training:
             crops = random_symmetry(crops)
+        elif symmetries:
+            views = torch.cat([square_symmetry(crops, k) for k in range(8)])  # (8M, C + 1, R, R)
+            logits = self.classify(self.features(views).mean(dim=(2, 3)))  # (8M, K)
+            probs = logits.float().softmax(1).reshape(8, len(crops), -1)  # (8, M, K)
+            return probs.mean(0).clamp_min(torch.finfo(probs.dtype).tiny).log()  # (M, K)
         return self.classify(self.features(crops).mean(dim=(2, 3)))  # (M, w) -> (M, K)
+
+
+def square_symmetry(crops: torch.Tensor, k: int) -> torch.Tensor:
+    """(M, C, R, R) crops under the square's symmetry k in 0..7: bit 0 flips left-right,
+    bit 1 up-down, bit 2 transposes (applied in that order)."""
+    if k & 1:
+        crops = crops.flip(-1)
+    if k & 2:
+        crops = crops.flip(-2)
+    return crops.transpose(-1, -2) if k & 4 else crops
 
 
 

@@ -93,6 +93,15 @@ class SOLOv2(nn.Module):
             cross-entropy x `classifier_weight`). Eval: after Matrix NMS each kept mask is
             classified once; it is emitted with its `classifier_top_k` most probable classes,
             score = the first stage's score x the class probability, and Matrix NMS runs again.
+
+    Test-time flip (`set_flip_test`, what `pixelwise eval/predict --tta flip` switch on; off
+    by default): the padded canvas and its mirror image both go through the network. A grid
+    cell's category probabilities are averaged with those of its mirror cell (row i, column
+    S-1-j) of the mirrored canvas, before `points_nms`; each candidate's mask probabilities
+    with the mirror cell's mask (its kernel on the mirrored mask features) mirrored back; a
+    mask classifier averages its probabilities over the 8 symmetries of each crop. The rest of
+    the test steps are unchanged. Twice the network's time. A pixelwise addition: the official
+    code has no test-time augmentation for SOLOv2.
     """
 
     def __init__(
@@ -147,6 +156,7 @@ class SOLOv2(nn.Module):
         self.classifier_samples = classifier_samples
         self.classifier_top_k = min(classifier_top_k, num_classes - 1)
         self.classifier_weight = classifier_weight
+        self.flip_test = False
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32),
                              persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32),
@@ -191,14 +201,29 @@ class SOLOv2(nn.Module):
         if self.training and targets is None:
             raise UserError("solov2: training mode needs targets (masks and labels)")
         batch, sizes = self.batch_images(images)
-        maps = list(self.backbone(batch).values())  # 5 x (N, C, H/s, W/s), s = 4..64
-        mask_features = self.mask_branch(maps[:4])  # (N, E, H/4, W/4)
-        cates, kernels = self.head(self.head_levels(maps))  # per level (N, K, S, S), (N, E, S, S)
+        cates, kernels, mask_features = self.predict_maps(batch)
         canvas = (batch.shape[-2], batch.shape[-1])
         if self.training:
             return self.losses(cates, kernels, mask_features, targets, sizes, canvas, batch)
+        mirror = self.predict_maps(batch.flip(-1)) if self.flip_test else None
         return [self.detect([c[b] for c in cates], [k[b] for k in kernels], mask_features[b],
-                            sizes[b], canvas, batch[b]) for b in range(len(sizes))]
+                            sizes[b], canvas, batch[b],
+                            mirror=None if mirror is None else
+                            ([c[b] for c in mirror[0]], [k[b] for k in mirror[1]], mirror[2][b]))
+                for b in range(len(sizes))]
+
+    def predict_maps(self, batch: torch.Tensor
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """The network on a normalised canvas (N, C, H, W): category logits per level (N, K, S,
+        S), kernels per level (N, E, S, S), mask features (N, E, H/4, W/4)."""
+        maps = list(self.backbone(batch).values())  # 5 x (N, C, H/s, W/s), s = 4..64
+        mask_features = self.mask_branch(maps[:4])  # (N, E, H/4, W/4)
+        cates, kernels = self.head(self.head_levels(maps))  # per level (N, K, S, S), (N, E, S, S)
+        return cates, kernels, mask_features
+
+    def set_flip_test(self, enabled: bool) -> None:
+        """Switch the test-time flip (see the class docstring) on or off."""
+        self.flip_test = bool(enabled)
 
     # ------------------------------------------------------------------------- training
 
@@ -290,10 +315,13 @@ class SOLOv2(nn.Module):
     @torch.no_grad()
     def detect(self, cates: list[torch.Tensor], kernels: list[torch.Tensor],
                mask_features: torch.Tensor, size: tuple[int, int], canvas: tuple[int, int],
-               image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               image: torch.Tensor | None = None,
+               mirror: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None
+               ) -> dict[str, torch.Tensor]:
         """One image: cates per level (K, S, S) logits, kernels per level (E, S, S),
         mask_features (E, H/4, W/4), image (C, H, W) normalised on the canvas (needed by a mask
-        classifier) -> the detections dict (see the module docstring).
+        classifier) -> the detections dict (see the module docstring). `mirror`: the same three
+        of the mirrored canvas, for the test-time flip (see `SOLOv2`).
 
         The official test steps: category probabilities kept where they are 2 x 2 local maxima
         (`points_nms`) and > score_threshold; each candidate's mask = sigmoid(kernel . features),
@@ -304,11 +332,13 @@ class SOLOv2(nn.Module):
         untrained model scores thousands of cells. The area filter is `min_mask_area`'s. With a
         mask classifier, its step (see `SOLOv2`) follows Matrix NMS.
         """
-        num_things, dim = cates[0].shape[0], kernels[0].shape[0]
-        probs = torch.cat([points_nms(c.sigmoid()[None])[0].permute(1, 2, 0).reshape(-1, num_things)
-                           for c in cates])  # per level (K, S, S) -> (S*S, K); (cells, K)
-        kern = torch.cat([k.permute(1, 2, 0).reshape(-1, dim)
-                          for k in kernels])  # per level (E, S, S) -> (S*S, E); (cells, E)
+        num_things = cates[0].shape[0]
+        grid_probs = [c.sigmoid() for c in cates]  # per level (K, S, S)
+        if mirror is not None:  # cell (i, j) of the canvas is cell (i, S-1-j) of its mirror
+            grid_probs = [(p + m.sigmoid().flip(-1)) / 2 for p, m in zip(grid_probs, mirror[0])]
+        probs = torch.cat([points_nms(p[None])[0].permute(1, 2, 0).reshape(-1, num_things)
+                           for p in grid_probs])  # per level (K, S, S) -> (S*S, K); (cells, K)
+        kern = _cell_kernels(kernels)  # (cells, E)
         strides = torch.cat([torch.full((s * s,), float(stride), device=kern.device)
                              for s, stride in zip(self.grid_sizes, HEAD_STRIDES)])  # (cells,)
         cell, cls = torch.nonzero(probs > self.score_threshold, as_tuple=True)
@@ -316,9 +346,10 @@ class SOLOv2(nn.Module):
         if scores.numel() > self.pre_nms_top_n:
             top = torch.topk(scores, self.pre_nms_top_n).indices
             cell, cls, scores = cell[top], cls[top], scores[top]
-        h4, w4 = mask_features.shape[-2:]
-        seg = (kern[cell] @ mask_features.flatten(1)).sigmoid()  # (M, h4*w4)
-        seg = seg.reshape(-1, h4, w4)  # (M, h4*w4) -> (M, h4, w4)
+        seg = _mask_probabilities(kern[cell], mask_features)  # (M, h4, w4)
+        if mirror is not None:  # the mirror cells' masks, mirrored back
+            mirrored = [k.flip(-1) for k in mirror[1]]  # per level (E, S, S), cells as the canvas
+            seg = (seg + _mask_probabilities(_cell_kernels(mirrored)[cell], mirror[2]).flip(-1)) / 2
         binary = seg > self.mask_threshold
         areas = binary.flatten(1).sum(1).to(seg.dtype)  # (M,)
         if self.min_mask_area is None:  # the official filter
@@ -365,7 +396,7 @@ class SOLOv2(nn.Module):
             0, inverse, torch.arange(len(cell), device=cell.device), "amin")  # (U,)
         boxes, _ = mask_boxes(binary[first])  # every survivor's mask is non-empty
         logits = self.mask_classifier(image[None], torch.zeros_like(first), seg[first], boxes,
-                                      stride=MASK_STRIDE)  # (U, K)
+                                      stride=MASK_STRIDE, symmetries=self.flip_test)  # (U, K)
         probs = logits.float().softmax(1)[inverse]  # (U, K) -> (D, K)
         index, labels, scores = top_k_classes(probs, scores, self.classifier_top_k)
         seg, binary, areas = seg[index], binary[index], areas[index]
@@ -376,6 +407,18 @@ class SOLOv2(nn.Module):
                                   pre_nms_top_n=self.pre_nms_top_n,
                                   max_detections=self.max_detections)
         return seg[kept], labels[kept], scores
+
+
+def _cell_kernels(kernels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Every grid cell's kernel, level by level, row-major: per level (E, S, S) -> (cells, E)."""
+    dim = kernels[0].shape[0]
+    return torch.cat([k.permute(1, 2, 0).reshape(-1, dim) for k in kernels])  # (S*S, E) each
+
+
+def _mask_probabilities(kernels: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """sigmoid(kernel . features): kernels (M, E), features (E, h, w) -> (M, h, w)."""
+    h, w = features.shape[-2:]
+    return (kernels @ features.flatten(1)).sigmoid().reshape(-1, h, w)  # (M, h*w) -> (M, h, w)
 
 
 def solov2(

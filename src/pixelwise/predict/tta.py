@@ -11,6 +11,11 @@ is the label of the averaged probabilities, its softmax those probabilities.
 On the default synthetic semantic set the 10-minute U-Net of `benchmarks/quality.py` scores val
 mIoU 0.843 in one pass, 0.866 with `flip` (2 passes) and 0.881 with `flip` and scales
 0.75, 1, 1.25 (6 passes).
+
+Instance models average inside the model, where their views can be matched: `flip` switches on
+a model's own test-time flip (`set_flip_test`; SOLOv2 averages each grid cell with its mirror
+cell, see `SOLOv2`). Mask R-CNN has none (its views' boxes would have to be matched and merged),
+and scales are for semantic runs only.
 """
 
 from __future__ import annotations
@@ -75,8 +80,8 @@ def _resize(images: torch.Tensor, scale: float, *, antialias: bool) -> torch.Ten
 
 def parse_tta(name: str | None, scales: Sequence[float] | None, task: str | None) -> TTA | None:
     """The `TTA` of the command line's `--tta NAME` / `--tta-scales S,...` (None: neither
-    given); unknown names, scales outside (0, 4] and tasks other than semantic are refused in
-    one line."""
+    given); unknown names, scales outside (0, 4], tasks other than semantic and scales for
+    instance runs (flip only) are refused in one line."""
     if name is None and scales is None:
         return None
     if name is not None and name not in TTA_NAMES:
@@ -88,9 +93,30 @@ def parse_tta(name: str | None, scales: Sequence[float] | None, task: str | None
         if not scales or not all(0 < s <= MAX_SCALE for s in scales):
             raise UserError(f"--tta-scales must be factors in (0, {MAX_SCALE:g}], got "
                             f"{','.join(f'{s:g}' for s in scales) or 'none'}")
+    if task == "instance":
+        if scales is not None:
+            raise UserError("--tta-scales is for semantic runs; instance runs take --tta flip "
+                            "(solov2)")
+        return TTA(flip=True)
     if task != "semantic":
-        raise UserError(f"--tta/--tta-scales are for semantic runs, not {task} runs")
+        raise UserError(f"--tta/--tta-scales are for semantic runs (and --tta flip for solov2 "
+                        f"instance runs), not {task} runs")
     return TTA(flip=name == "flip", scales=scales or (1.0,))
+
+
+def apply_tta(model: nn.Module, tta: TTA | None, task: str | None, source: Any = "") -> nn.Module:
+    """The model that evaluates `tta` (None: `model` itself): a semantic model wrapped in
+    `AugmentedModel`; an instance model with its own test-time flip switched to it (a model
+    without one is refused in one line naming `source`, e.g. the checkpoint)."""
+    if tta is None:
+        return model
+    if task == "semantic":
+        return AugmentedModel(model, tta)
+    if not hasattr(model, "set_flip_test"):
+        raise UserError(f"{source}: --tta flip is for solov2 among instance models, not "
+                        f"{type(model).__name__}")
+    model.set_flip_test(True)
+    return model
 
 
 class AugmentedModel(nn.Module):
