@@ -68,6 +68,29 @@ def test_mask_predictor_uses_the_chosen_upsampler(name: str) -> None:
                                predictor(x)[torch.arange(3), labels], rtol=1e-5, atol=1e-5)
 
 
+def test_class_agnostic_mask_predictor_gives_every_class_one_map() -> None:
+    """class_agnostic: one 1x1 output shown as every class's map; torchvision's mask loss is
+    the same whatever the labels, and its gradient reaches the one map's weights."""
+    from torchvision.models.detection.roi_heads import maskrcnn_loss
+
+    torch.manual_seed(0)
+    predictor = MaskPredictor(16, 5, class_agnostic=True)
+    assert predictor.mask_fcn_logits.out_channels == 1
+    x = torch.randn(3, 16, 14, 14)
+    out = predictor(x)
+    assert out.shape == (3, 5, 28, 28)
+    for k in range(1, 5):
+        assert torch.equal(out[:, k], out[:, 0])
+    torch.testing.assert_close(predictor.forward_selected(x, torch.tensor([1, 4, 2])), out[:, 0])
+    boxes = [torch.tensor([[0.0, 0.0, 20.0, 20.0], [4.0, 2.0, 30.0, 16.0], [1.0, 1.0, 9.0, 9.0]])]
+    gt_masks = [(torch.rand(3, 32, 32) > 0.5).float()]
+    losses = [maskrcnn_loss(out, boxes, gt_masks, [labels], [torch.arange(3)])
+              for labels in (torch.tensor([1, 1, 1]), torch.tensor([4, 2, 3]))]
+    torch.testing.assert_close(losses[0], losses[1])
+    losses[1].backward()
+    assert predictor.mask_fcn_logits.weight.grad.abs().sum() > 0
+
+
 def test_default_mask_predictor_is_torchvisions() -> None:
     """'transposed' is the paper's 2x2 stride-2 deconvolution: torchvision's weights load and
     give the same logits."""
@@ -212,7 +235,8 @@ def test_fast_heads_equal_the_modules() -> None:
     x = torch.randn(6, 16, 14, 14)
     labels = torch.tensor([1, 2, 3, 0, 2, 1])
     for predictor in (MaskRCNNPredictor(16, 16, 4), MaskPredictor(16, 4),
-                      MaskPredictor(16, 4, "bilinear")):
+                      MaskPredictor(16, 4, "bilinear"), MaskPredictor(16, 4, class_agnostic=True),
+                      MaskPredictor(16, 4, "bilinear", class_agnostic=True)):
         torch.testing.assert_close(fp.selected_mask_logits(predictor, x, labels),
                                    predictor(x)[torch.arange(6), labels], rtol=1e-4, atol=1e-4)
     for kp in (KeypointRCNNPredictor(16, 3), KeypointPredictor(16, 3, "pixel_shuffle")):
@@ -546,3 +570,21 @@ def test_mask_roi_size_sets_the_mask_resolution(instance_batch) -> None:
     assert shapes[-1][-2:] == (56, 56) and det["masks"].shape[-2:] == images[0].shape[-2:]
     with pytest.raises(UserError, match="mask_roi_size must be a positive integer, got 0"):
         mask_rcnn(3, **LIGHT, mask_roi_size=0)
+
+
+def test_class_agnostic_mask_rcnn_fast_path_equals_the_plain_one() -> None:
+    """mask_class_agnostic: the fast eval path gives what torchvision's own path does with the
+    same weights, and every detection's mask is the one map whatever its label."""
+    torch.manual_seed(5)
+    options = dict(backbone="resnet18", mask_head_layers=(16,), mask_threshold=None,
+                   mask_class_agnostic=True, rpn_post_nms_top_n_test=100, **_rcnn_kwargs(96))
+    fast = mask_rcnn(4, fast=True, **options).eval()
+    plain = mask_rcnn(4, fast=False, **options).eval()
+    plain.load_state_dict(fast.state_dict())
+    images = [torch.rand(3, 96, 96)]
+    with torch.inference_mode():
+        (got,), (expected,) = fast(images), plain(images)
+    assert len(got["labels"].unique()) > 1  # several classes: their masks share the one map
+    for key in ("boxes", "labels", "scores"):
+        assert torch.equal(got[key], expected[key]), key
+    torch.testing.assert_close(got["masks"], expected["masks"], rtol=0, atol=1e-4)

@@ -265,6 +265,8 @@ def selected_mask_logits(predictor: nn.Module, x: torch.Tensor, labels: torch.Te
     with ``"transposed"``) the transposed conv is one GEMM (its four kernel taps never overlap)
     and the 1x1 conv a per-RoI dot product, fused without building the upsampled map in
     NCHW; other predictors: their ``forward_selected``, else the full forward then a gather."""
+    if getattr(predictor, "class_agnostic", False):  # one map for every class
+        labels = torch.zeros_like(labels)
     conv = getattr(predictor, "conv5_mask", None)  # torchvision's MaskRCNNPredictor
     up = getattr(predictor, "upsample", None)
     if conv is None and isinstance(up, TransposedConv):  # pixelwise's (output exactly 2h x 2w)

@@ -423,6 +423,7 @@ def mask_rcnn(
     box_detections_per_img: int = 100,
     box_batch_size_per_image: int = 512,
     mask_threshold: float | None = 0.5,
+    mask_class_agnostic: bool = False,
     aux_semantic: float = 0.0,
     semantic_channels: int = 64,
     semantic_rescore: float = 0.0,
@@ -451,8 +452,9 @@ def mask_rcnn(
     anchor_sizes: one per FPN level (5). min_size None keeps images as they are; otherwise
     torchvision's resize (short side min_size, long side <= max_size). rpn_* / box_*:
     torchvision's settings (box_detections_per_img: raise it for crowded images, e.g. 300 for
-    cells). mask_threshold: threshold after pasting (None: probabilities). fast: the fast eval
-    path of `fast_postprocess`.
+    cells). mask_threshold: threshold after pasting (None: probabilities).
+    mask_class_agnostic: one mask per RoI for every class instead of one per class
+    (`MaskPredictor`'s class_agnostic). fast: the fast eval path of `fast_postprocess`.
     aux_semantic: weight of an auxiliary per-pixel loss on a Panoptic-FPN semantic branch
     (`semantic_channels` wide) whose labels are made from the instance masks (`rcnn_semantic`;
     0: no branch, the plain Mask R-CNN). semantic_rescore in [0, 1]: at eval, how much that
@@ -486,7 +488,8 @@ def mask_rcnn(
         mask_roi_pool=ParallelMultiScaleRoIAlign(body.featmap_names, output_size=mask_roi_size,
                                                  sampling_ratio=2),
         mask_head=MaskRCNNHeads(body.out_channels, layers, 1, norm_layer=norm_layer(head_norm)),
-        mask_predictor=MaskPredictor(layers[-1], num_classes, upsample),
+        mask_predictor=MaskPredictor(layers[-1], num_classes, upsample,
+                                     class_agnostic=mask_class_agnostic),
         semantic_head=None if aux_semantic == 0 else SemanticFPNHead(
             num_classes, body.out_channels, body.strides[: len(body.featmap_names)],
             list(body.featmap_names), channels=semantic_channels),

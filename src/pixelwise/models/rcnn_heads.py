@@ -62,11 +62,13 @@ class MaskPredictor(nn.Module):
     upsample: a `pixelwise.upsample.UPSAMPLERS` name or factory; upsample_options go to
     `make_upsampler`. ``"transposed"`` defaults to the paper's 2x2 stride-2 deconvolution with a
     bias and He init (torchvision's ``conv5_mask``); other learnable upsamplers keep their own
-    init.
+    init. class_agnostic: one mask map for every class (detectron2's CLS_AGNOSTIC_MASK): the
+    1x1 conv has one output, shown to torchvision's loss and inference as `num_classes`
+    identical maps (a view), so a box misnamed by the box head still gets the object's shape.
     """
 
     def __init__(self, in_channels: int, num_classes: int, upsample: UpsampleArg = "transposed",
-                 **upsample_options: Any) -> None:
+                 class_agnostic: bool = False, **upsample_options: Any) -> None:
         super().__init__()
         _check_upsample(upsample)
         if upsample == "transposed":
@@ -75,7 +77,8 @@ class MaskPredictor(nn.Module):
         self.upsample = make_upsampler(upsample, in_channels, 2, **upsample_options)
         if upsample == "transposed" and upsample_options.get("init") == "default":
             _he_init(self.upsample)
-        self.mask_fcn_logits = nn.Conv2d(in_channels, num_classes, 1)
+        self.class_agnostic = bool(class_agnostic)
+        self.mask_fcn_logits = nn.Conv2d(in_channels, 1 if class_agnostic else num_classes, 1)
         nn.init.kaiming_normal_(self.mask_fcn_logits.weight, mode="fan_out", nonlinearity="relu")
         # torchvision leaves this bias at PyTorch's default init; so do we (state dicts match)
         self.num_classes = num_classes
@@ -86,13 +89,18 @@ class MaskPredictor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C, h, w) -> mask logits (R, num_classes, 2h, 2w)."""
-        return self.mask_fcn_logits(self.features(x))
+        logits = self.mask_fcn_logits(self.features(x))
+        if self.class_agnostic:  # (R, 1, 2h, 2w) -> (R, num_classes, 2h, 2w), one map viewed
+            logits = logits.expand(-1, self.num_classes, -1, -1)
+        return logits
 
     def forward_selected(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Logits of one class per RoI: x (R, C, h, w), labels (R,) -> (R, 2h, 2w).
 
         Equal to ``forward(x)[arange(R), labels]`` without computing the other classes' maps
         (the 1x1 conv is a per-RoI dot product with the chosen class's weights)."""
+        if self.class_agnostic:
+            labels = torch.zeros_like(labels)
         feats = self.features(x)  # (R, C, H, W)
         weight = self.mask_fcn_logits.weight[labels, :, 0, 0]  # (R, C)
         r, c, h, w = feats.shape
