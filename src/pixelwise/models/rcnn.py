@@ -56,6 +56,7 @@ from pixelwise.models.fast_postprocess import FastRoIHeads, RCNNTransform
 from pixelwise.models.fpn_backbone import build_fpn_backbone
 from pixelwise.models.mask_classifier import MaskClassifier, top_k_classes
 from pixelwise.models.rcnn_heads import KeypointPredictor, MaskPredictor, UpsampleArg
+from pixelwise.models.norm import GroupNorm
 from pixelwise.models.rcnn_semantic import instance_semantic_target, rescore_with_semantic
 from pixelwise.models.semantic_fpn_head import (SemanticFPNHead, logits_at_original,
                                                 semantic_loss)
@@ -323,9 +324,9 @@ def norm_layer(name: str | None) -> Callable[[int], nn.Module] | None:
     raise unknown_name("head_norm", name, NORMS)
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
+def _group_norm(channels: int) -> GroupNorm:
     groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
+    return GroupNorm(groups, channels)
 
 
 def _common(

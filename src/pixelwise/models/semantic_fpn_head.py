@@ -30,6 +30,7 @@ from pixelwise.decoders._upsample import needs_indices, per_stage
 from pixelwise.errors import UserError
 from pixelwise.models.base import SegmentationModel
 from pixelwise.models.fpn_backbone import build_fpn_backbone
+from pixelwise.models.norm import GroupNorm
 from pixelwise.upsample import make_upsampler
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class SemanticFPNHead(nn.Module):
                 stages.append(nn.Sequential(
                     nn.Conv2d(in_channels if k == 0 else channels, channels, 3, padding=1,
                               bias=False),
-                    nn.GroupNorm(groups, channels),
+                    GroupNorm(groups, channels),
                     nn.ReLU(inplace=True),
                 ))
                 stages.append(make_upsampler(name, channels, 2) if k < ups else nn.Identity())

@@ -26,6 +26,7 @@ from torch import nn
 
 from pixelwise.decoders._upsample import needs_indices, per_stage
 from pixelwise.errors import UserError
+from pixelwise.models.norm import GroupNorm
 from pixelwise.upsample import make_upsampler
 
 
@@ -48,7 +49,7 @@ def conv_gn_relu(in_channels: int, out_channels: int, kernel_size: int = 3,
     """conv (no bias) -> GroupNorm (groups reduced to a divisor of the channels) -> ReLU."""
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.GroupNorm(math.gcd(num_groups, out_channels), out_channels),
+        GroupNorm(math.gcd(num_groups, out_channels), out_channels),
         nn.ReLU(inplace=True),
     )
 
