@@ -1,7 +1,8 @@
 """Benchmark: pixelwise Mask / Keypoint R-CNN against torchvision's, same weights, same run.
 
     .venv/bin/python benchmarks/instance.py [--size 256] [--detections 100] [--repeats 3]
-        [--threads 2] [--only eval-mask eval-keypoint train] [--json]
+        [--threads 2] [--only eval-mask eval-keypoint train]
+        [--head-dtypes float32 bfloat16] [--json]
 
 * eval: ``maskrcnn_resnet50_fpn`` / ``keypointrcnn_resnet50_fpn`` (weights=None,
   weights_backbone=None) against pixelwise's `mask_rcnn` / `keypoint_rcnn` with the same
@@ -11,7 +12,10 @@
   probabilities' largest difference, the smallest IoU at 0.5 (pixels within 1e-4 of 0.5 left
   out: ties), how many pixels flip and how close to 0.5 they were; keypoints (pixelwise
   reports COCO pixel indices: + 0.5 to compare). The timed pixelwise model thresholds its
-  masks (bool), as it is used.
+  masks (bool), as it is used. Each eval case runs with pixelwise's float32 heads (its
+  default: torchvision's numbers) and with ``head_dtype="bfloat16"`` (the mask / keypoint
+  head and predictor in bfloat16; backbone, RPN and box branch float32, so the same boxes and
+  scores): `--head-dtypes` picks.
 * train: one SGD step (forward, backward, update) on a batch of two images with 8 random boxes
   and masks each, resnet50-FPN and resnet18-FPN, against torchvision's model of the same build.
 * where the time goes: one more eval run of each model with every stage timed.
@@ -122,6 +126,9 @@ def _stages(model: torch.nn.Module, clock: StageClock) -> Iterator[None]:
         targets += [(heads.keypoint_roi_pool, "forward", "keypoint RoIAlign"),
                     (heads.keypoint_head, "forward", "RoI head convs"),
                     (heads.keypoint_predictor, "forward", "keypoint predictor")]
+    # head_dtype bfloat16: the heads' low-precision copies (made by an earlier run)
+    for _, low in heads.__dict__.get("_low_precision_copies", {}).values():
+        targets.append((low, "forward", "RoI head convs"))
     with contextlib.ExitStack() as stack:
         for obj, attr, label in targets:
             if hasattr(obj, attr):
@@ -175,6 +182,8 @@ def agreement(ref: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> di
         flips = m_ref != m_ours
         result["mask_prob_max_abs_diff"] = float((p_ref - p_ours).abs().max())
         result["mask_iou_min"] = float(iou.min()) if len(iou) else 1.0
+        result["mask_iou_mean"] = float(iou.mean()) if len(iou) else 1.0
+        result["masks_iou_ge_0.99"] = float((iou >= 0.99).float().mean()) if len(iou) else 1.0
         result["pixels_flipped"] = int(flips.sum())
         result["flipped_max_dist_to_0.5"] = (float((p_ref[flips] - 0.5).abs().max())
                                              if flips.any() else 0.0)
@@ -195,18 +204,19 @@ def _same_weights(ref: torch.nn.Module, ours: torch.nn.Module) -> None:
     ours.load_state_dict(torchvision_key_map(ref.state_dict(), ours))
 
 
-def eval_case(kind: str, size: int, detections: int, repeats: int) -> dict[str, Any]:
+def eval_case(kind: str, size: int, detections: int, repeats: int,
+              head_dtype: str = "float32") -> dict[str, Any]:
     torch.manual_seed(0)
     settings = dict(min_size=size, max_size=size, box_score_thresh=0.0,
                     box_detections_per_img=detections)
     if kind == "mask":
         ref = tvd.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **settings)
         ours = mask_rcnn(91, backbone="resnet50", anchor_sizes=TV_ANCHORS, mask_threshold=0.5,
-                         **settings)
+                         head_dtype=head_dtype, **settings)
     else:
         ref = tvd.keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, **settings)
         ours = keypoint_rcnn(2, num_keypoints=17, backbone="resnet50", anchor_sizes=TV_ANCHORS,
-                             **settings)
+                             head_dtype=head_dtype, **settings)
     _same_weights(ref, ours)
     ref.eval()
     ours.eval()
@@ -221,7 +231,8 @@ def eval_case(kind: str, size: int, detections: int, repeats: int) -> dict[str, 
 
         times = _interleaved({"torchvision": run(ref), "pixelwise": run(ours)}, repeats)
     stages = breakdown({"torchvision": ref, "pixelwise": ours}, images)
-    return {"case": f"{kind} eval", "times": {k: _summary(v) for k, v in times.items()},
+    name = f"{kind} eval" + ("" if head_dtype == "float32" else " bf16 heads")
+    return {"case": name, "times": {k: _summary(v) for k, v in times.items()},
             "agreement": check, "stages": stages}
 
 
@@ -285,14 +296,14 @@ def report(cases: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [f"R-CNN benchmark: {args.size}x{args.size}, {torch.get_num_threads()} threads, "
              f"eval batch 1 with {args.detections} detections, train batch 2 "
              f"(best of {args.repeats}; ratio = torchvision / pixelwise)", ""]
-    lines.append(f"{'case':<22}{'torchvision s':>14}{'pixelwise s':>13}{'ratio':>8}{'goal':>7}"
+    lines.append(f"{'case':<26}{'torchvision s':>14}{'pixelwise s':>13}{'ratio':>8}{'goal':>7}"
                  f"{'cpu-s ratio':>13}")
     for case in cases:
         goal = EVAL_GOAL if "eval" in case["case"] else TRAIN_GOAL
         t = case["times"]
         ratio = _ratio(case)
         cpu_ratio = t["torchvision"]["cpu_best"] / t["pixelwise"]["cpu_best"]
-        lines.append(f"{case['case']:<22}{t['torchvision']['best']:>14.3f}"
+        lines.append(f"{case['case']:<26}{t['torchvision']['best']:>14.3f}"
                      f"{t['pixelwise']['best']:>13.3f}{ratio:>7.2f}x{'>=' + str(goal):>7}"
                      f"{cpu_ratio:>12.2f}x{'' if ratio >= goal else '  (below goal)'}")
     for case in cases:
@@ -321,14 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=["eval-mask", "eval-keypoint", "train"],
                         choices=["eval-mask", "eval-keypoint", "train"])
     parser.add_argument("--train-backbones", nargs="+", default=["resnet50", "resnet18"])
+    parser.add_argument("--head-dtypes", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16"],
+                        help="pixelwise's eval cases with these head_dtype settings")
     parser.add_argument("--json", action="store_true", help="print the results as json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cases = []
-    if "eval-mask" in args.only:
-        cases.append(eval_case("mask", args.size, args.detections, args.repeats))
-    if "eval-keypoint" in args.only:
-        cases.append(eval_case("keypoint", args.size, args.detections, args.repeats))
+    for kind in ("mask", "keypoint"):
+        if f"eval-{kind}" in args.only:
+            cases += [eval_case(kind, args.size, args.detections, args.repeats, dtype)
+                      for dtype in args.head_dtypes]
     if "train" in args.only:
         cases += [train_case(b, args.size, args.repeats) for b in args.train_backbones]
     if args.json:

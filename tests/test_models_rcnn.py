@@ -588,3 +588,80 @@ def test_class_agnostic_mask_rcnn_fast_path_equals_the_plain_one() -> None:
     for key in ("boxes", "labels", "scores"):
         assert torch.equal(got[key], expected[key]), key
     torch.testing.assert_close(got["masks"], expected["masks"], rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- bfloat16 heads
+
+
+def _twins(build, **options) -> tuple[nn.Module, nn.Module]:
+    """(float32 heads, bfloat16 heads) models with the same weights, in eval mode."""
+    torch.manual_seed(6)
+    plain = build(head_dtype="float32", **options).eval()
+    low = build(head_dtype="bfloat16", **options).eval()
+    low.load_state_dict(plain.state_dict())
+    return plain, low
+
+
+def test_bfloat16_mask_head_keeps_boxes_and_scores() -> None:
+    """head_dtype bfloat16: the box branch is untouched (identical boxes, labels, scores); the
+    mask head runs in bfloat16 (its cached copy), masks close to the float32 ones; a change of
+    the weights reaches the copy."""
+    plain, low = _twins(mask_rcnn, num_classes=5, backbone="resnet18",
+                        mask_head_layers=(32, 32), mask_threshold=None,
+                        rpn_post_nms_top_n_test=100, **_rcnn_kwargs(96, detections=30))
+    images = [torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(1))]
+
+    def compare() -> float:
+        with torch.inference_mode():
+            (e,), (g,) = plain(images), low(images)
+        for key in ("boxes", "labels", "scores"):
+            assert torch.equal(g[key], e[key]), key
+        assert g["masks"].dtype == torch.float32 and g["masks"].shape == e["masks"].shape
+        diff = (g["masks"] - e["masks"]).abs()  # bfloat16 keeps ~3 significant digits
+        assert float(diff.mean()) < 2e-3
+        inside = e["masks"] > 0  # the boxes' pixels: how many change side at 0.5
+        flips = ((g["masks"] >= 0.5) != (e["masks"] >= 0.5)) & inside
+        assert float(flips.sum()) <= 0.005 * float(inside.sum())
+        return float(diff.max())
+
+    assert compare() > 0  # bfloat16 numbers, not float32's
+    copy_ = low.roi_heads.__dict__["_low_precision_copies"]["mask_head"][1]
+    assert all(p.dtype == torch.bfloat16 for p in copy_.parameters())
+    with torch.no_grad():  # new weights: the copy must follow
+        for model in (plain, low):
+            model.roi_heads.mask_head[0][0].weight.mul_(-2.0)
+    compare()
+    assert low.roi_heads.__dict__["_low_precision_copies"]["mask_head"][1] is not copy_
+
+
+def test_bfloat16_keypoint_head_and_training_unchanged(instance_batch) -> None:
+    plain, low = _twins(keypoint_rcnn, num_classes=2, num_keypoints=5, backbone="resnet18",
+                        keypoint_head_layers=(32, 32), **_rcnn_kwargs(96, detections=20))
+    images = [torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(2))]
+    with torch.inference_mode():
+        (e,), (g,) = plain(images), low(images)
+    for key in ("boxes", "labels", "scores"):
+        assert torch.equal(g[key], e[key]), key
+    # a heatmap's peak may move to a neighbouring cell where two cells nearly tie
+    same = (g["keypoints"] - e["keypoints"]).abs().amax(-1) < 1e-4
+    assert float(same.float().mean()) >= 0.9
+    torch.testing.assert_close(g["keypoints_scores"], e["keypoints_scores"], rtol=0.05,
+                               atol=0.05)
+    # training is torchvision's float32 path whatever head_dtype says
+    _, images, targets = instance_batch
+    plain = mask_rcnn(5, head_dtype="float32", **LIGHT).train()
+    low = mask_rcnn(5, head_dtype="bfloat16", **LIGHT).train()
+    low.load_state_dict(plain.state_dict())
+    torch.manual_seed(0)
+    expected = plain(images, targets)
+    torch.manual_seed(0)
+    got = low(images, targets)
+    assert {k: float(v.detach()) for k, v in got.items()} == {
+        k: float(v.detach()) for k, v in expected.items()}
+
+
+def test_bad_head_dtype_settings() -> None:
+    with pytest.raises(UserError, match="head_dtype"):
+        mask_rcnn(3, backbone="resnet18", head_dtype="float16")
+    with pytest.raises(UserError, match="head_dtype bfloat16 .* fast"):
+        keypoint_rcnn(2, backbone="resnet18", head_dtype="bfloat16", fast=False)

@@ -384,3 +384,37 @@ def test_eval_reports_ap_per_class(mask_run: Path, capsys: pytest.CaptureFixture
     assert table[0].split() == ["class", "bbox", "AP", "bbox", "AP50", "segm", "AP", "segm",
                                 "AP50"]
     assert [line.split()[0] for line in table[1:]] == list(per_class)
+
+
+def test_head_dtype_flag_keeps_the_boxes(mask_run: Path, keypoint_run: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--head-dtype bfloat16 (eval, predict): the box branch is unchanged, so bbox AP is
+    exactly the float32 one; the mask / keypoint metrics are there with the same keys."""
+    for run, head in ((mask_run, "segm"), (keypoint_run, "keypoints")):
+        assert main(["eval", str(run), "--json"]) == 0
+        plain = json.loads(capsys.readouterr().out)
+        assert main(["eval", str(run), "--json", "--head-dtype", "bfloat16"]) == 0
+        low = json.loads(capsys.readouterr().out)
+        assert low["bbox"] == plain["bbox"]
+        assert tuple(low[head]) == tuple(plain[head])
+    boxes = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        assert main(["predict", str(mask_run), str(mask_run.parent / "inst" / "images" / "val"),
+                     "--out", str(out), "--head-dtype", dtype, "--score-threshold", "0",
+                     "--json"]) == 0
+        boxes[dtype] = [(r["image_id"], r["bbox"], r["score"])
+                        for r in json.loads((out / "results.json").read_text())]
+    capsys.readouterr()
+    assert boxes["float32"] and boxes["bfloat16"] == boxes["float32"]
+
+
+def test_head_dtype_is_refused_for_other_models() -> None:
+    from pixelwise.cli._common import apply_head_dtype
+    from pixelwise.models import build_model
+
+    model = build_model("fcn8s", num_classes=3)
+    with pytest.raises(UserError, match=r"^run/best.safetensors: --head-dtype applies to "
+                       r"mask_rcnn and keypoint_rcnn runs \(fast=true\), not to a"):
+        apply_head_dtype(model, "bfloat16", "run/best.safetensors")
+    apply_head_dtype(model, None, "run/best.safetensors")  # not asked: nothing to refuse

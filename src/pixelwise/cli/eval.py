@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from pixelwise.cli._common import (
+    add_head_dtype_flag,
     add_json_flag,
     add_output_upsample_flag,
     add_tta_flags,
+    apply_head_dtype,
     apply_output_upsample,
     emit_json,
 )
@@ -45,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "model's own limit when over COCO's 100, else 100; keypoints 20)")
     add_tta_flags(parser)
     add_output_upsample_flag(parser)
+    add_head_dtype_flag(parser)
     parser.add_argument("--skip-bad", action="store_true",
                         help="log and leave out bad samples (those `pixelwise data check` "
                         "reports) instead of stopping at the first")
@@ -56,13 +59,15 @@ def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which:
                  batch_size: int = 8, workers: int = 0, device: str = "auto",
                  skip_bad: bool = False, max_dets: int | None = None,
                  tta: str | None = None, tta_scales: Sequence[float] | None = None,
-                 output_upsample: str | None = None) -> dict[str, Any]:
+                 output_upsample: str | None = None, head_dtype: str | None = None
+                 ) -> dict[str, Any]:
     """The task's metrics of `run_dir`'s checkpoint on `split` of `data` (`skip_bad`: bad
     samples are logged and left out of the metrics; `max_dets`: COCO detections scored per
     image, instance and keypoints tasks; `tta` ("flip") / `tta_scales`: test-time augmentation,
     semantic runs (and flip for solov2 instance runs), `pixelwise.predict.tta`;
     `output_upsample`: a unet run's output upsampling instead of its own,
-    `UNet.set_output_upsample`)."""
+    `UNet.set_output_upsample`; `head_dtype`: an R-CNN run's mask / keypoint head dtype,
+    `FastRoIHeads.head_dtype`)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -94,6 +99,7 @@ def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which:
     dev = resolve_device(device)
     model, meta = load_model(path, device=dev)
     apply_output_upsample(model, output_upsample, path)
+    apply_head_dtype(model, head_dtype, path)
     model = apply_tta(model, augmentation, task.name, path)
     size = train_cfg.get("size")
     dataset = task.dataset(data, split, size=tuple(size) if size else None, train=False,
@@ -142,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run_dir, args.data, split=args.split, which=args.checkpoint,
                            batch_size=args.batch_size, workers=args.workers, device=args.device,
                            skip_bad=args.skip_bad, max_dets=args.max_dets, tta=args.tta,
-                           tta_scales=args.tta_scales, output_upsample=args.output_upsample)
+                           tta_scales=args.tta_scales, output_upsample=args.output_upsample,
+                           head_dtype=args.head_dtype)
     if args.json:
         emit_json(metrics)
         return 0

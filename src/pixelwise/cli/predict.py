@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from pixelwise.cli._common import (
+    add_head_dtype_flag,
     add_json_flag,
     add_output_upsample_flag,
     add_tta_flags,
+    apply_head_dtype,
     apply_output_upsample,
     emit_json,
 )
@@ -85,6 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     add_tta_flags(parser)
     add_output_upsample_flag(parser)
+    add_head_dtype_flag(parser)
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="refuse images with more pixels (default 2^27; 0: no limit)")
     parser.add_argument("--score-threshold", type=float, default=None, metavar="S",
@@ -182,6 +185,7 @@ def predict_run(args: argparse.Namespace, on_error: Any = None) -> dict[str, Any
     device = resolve_device(args.device)
     model, meta = load_model(path, device=device)
     apply_output_upsample(model, args.output_upsample, path)
+    apply_head_dtype(model, args.head_dtype, path)
     task_name = (meta.get("task") or {}).get("name")
     if args.task is not None and args.task != task_name:
         raise UserError(f"{path}: a {task_name} run, not {args.task}")
