@@ -173,7 +173,9 @@ RECIPES: dict[str, Recipe] = {
         # fifteenth session GroupNorm normalises an NCHW copy (`pixelwise.models.norm`: the
         # step ~12 % faster with channels_last weights) and the run validates twice (below):
         # training seed 0 3635 steps (3321 before), 0.825 / 0.580 one pass, 0.833 / 0.596
-        # with the flip (82 / 192 ms per image)
+        # with the flip (82 / 192 ms per image); seed 1 3621 steps, 0.839 / 0.599, 0.848 /
+        # 0.616; seed 2 3667 steps, 0.821 / 0.581, 0.837 / 0.601 (one pass mean 0.828 / 0.587,
+        # with the flip 0.839 / 0.604)
         tta={"tta": "flip"},
         # one validation at about 90 % of the budget and the final one (~40 s each on 500
         # images; four took 9 % of the budget)

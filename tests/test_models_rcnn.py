@@ -457,10 +457,11 @@ def test_grey_images_and_mobilenet_backbone() -> None:
     assert g["masks"].shape == (3, 1, 64, 80) and m["masks"].shape == (3, 1, 64, 80)
 
 
-def test_no_detections_keep_the_output_shapes() -> None:
-    masks = mask_rcnn(3, **LIGHT, box_score_thresh=0.999).eval()
+@pytest.mark.parametrize("head_dtype", ["float32", "bfloat16"])
+def test_no_detections_keep_the_output_shapes(head_dtype: str) -> None:
+    masks = mask_rcnn(3, **LIGHT, box_score_thresh=0.999, head_dtype=head_dtype).eval()
     points = keypoint_rcnn(2, num_keypoints=4, backbone="resnet18", keypoint_head_layers=(16,),
-                           box_score_thresh=0.999).eval()
+                           box_score_thresh=0.999, head_dtype=head_dtype).eval()
     with torch.inference_mode():
         (m,) = masks([torch.rand(3, 64, 48)])
         (k,) = points([torch.rand(3, 64, 48)])

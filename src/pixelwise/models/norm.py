@@ -6,7 +6,7 @@ of all in bfloat16 (torch 2.14, 2 threads, forward + backward under bf16 autocas
 channels_last weights (the quality recipes' ``channels_last``) feed their GroupNorms the
 channels_last output of the conv before; a conv -> GroupNorm -> ReLU block then runs ~1.5x
 slower than in NCHW. `GroupNorm` normalises an NCHW copy instead: the same statistics and
-output values (one more copy, cheaper than the slow kernel), and the same parameters and
+outputs up to rounding (one more copy, cheaper than the slow kernel), the same parameters and
 state-dict keys as `torch.nn.GroupNorm`, so checkpoints load either way. The next conv takes
 the NCHW output as it is (oneDNN converts it back to its preferred layout).
 """
@@ -23,4 +23,3 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
-
