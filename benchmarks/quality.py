@@ -171,7 +171,7 @@ RECIPES: dict[str, Recipe] = {
         # four runs above with it: 0.820 / 0.582, 0.804 / 0.562, 0.792 / 0.554, 0.792 / 0.555
         # (mean 0.802 / 0.563; 216 ms per image against 95 ms in one pass). Since the
         # fifteenth session GroupNorm normalises an NCHW copy (`pixelwise.models.norm`: the
-        # step ~12 % faster with channels_last weights) and the run validates twice (below):
+        # step 8-12 % faster with channels_last weights) and the run validates twice (below):
         # training seed 0 3635 steps (3321 before), 0.825 / 0.580 one pass, 0.833 / 0.596
         # with the flip (82 / 192 ms per image); seed 1 3621 steps, 0.839 / 0.599, 0.848 /
         # 0.616; seed 2 3667 steps, 0.821 / 0.581, 0.837 / 0.601 (one pass mean 0.828 / 0.587,

@@ -418,3 +418,8 @@ def test_head_dtype_is_refused_for_other_models() -> None:
                        r"mask_rcnn and keypoint_rcnn runs \(fast=true\), not to a"):
         apply_head_dtype(model, "bfloat16", "run/best.safetensors")
     apply_head_dtype(model, None, "run/best.safetensors")  # not asked: nothing to refuse
+    rcnn = build_model("mask_rcnn", num_classes=2, backbone="resnet18")
+    apply_head_dtype(rcnn, "bfloat16", "run/best.safetensors")
+    assert rcnn.roi_heads.head_dtype is torch.bfloat16
+    apply_head_dtype(rcnn, "float32", "run/best.safetensors")
+    assert rcnn.roi_heads.head_dtype is None
