@@ -21,3 +21,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads for a test of work split between threads (`pixelwise.ops.cpu_threads`),
+    whatever the machine has. Use with ``pytestmark = pytest.mark.usefixtures("two_threads")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)

@@ -202,3 +202,50 @@ def test_symmetric_test_averages_the_eight_views() -> None:
         torch.testing.assert_close(mirrored, got, rtol=1e-4, atol=1e-5)
         plain = net(images, index, masks, boxes, stride=4)
         torch.testing.assert_close(plain.softmax(1), probs[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("agnostic, resize", [(False, None), (True, None), (False, 128)])
+def test_mask_rcnn_classifier_trained_on_its_own_masks(agnostic: bool, resize: int | None
+                                                       ) -> None:
+    """classifier_masks="predicted": the classifier reads the mask head's masks of the positive
+    proposals, pasted into the image and thresholded at 0.5 as at eval (checked against
+    torchvision's paste), at those proposals' boxes, each labelled with the class of the
+    ground-truth box it overlaps most; the loss is its cross-entropy, and only it learns. With
+    `resize` the detector sees the images resized (x2): boxes come back to the images' frame."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+    from torchvision.ops import box_iou
+
+    torch.manual_seed(0)
+    model = _build("mask_rcnn", mask_classifier=True, classifier_masks="predicted",
+                   mask_class_agnostic=agnostic, min_size=resize, max_size=400).train()
+    images, targets = _scene()
+    seen: dict = {}
+    model.roi_heads.mask_predictor.register_forward_hook(
+        lambda m, args, out: seen.__setitem__("logits", out.detach()))
+    model.mask_classifier.register_forward_hook(
+        lambda m, args, out: seen.update(inputs=args, out=out.detach()))
+    losses = model(images, targets)
+    _, index, masks, boxes = seen["inputs"]
+    assert len(boxes) == len(seen["logits"]) > 0 and torch.all(index == 0)  # image 1: no objects
+    overlap = box_iou(boxes, targets[0]["boxes"])  # (P, 2)
+    assert torch.all(overlap.max(1).values >= 0.5)  # torchvision's positives (fg IoU 0.5)
+    labels = targets[0]["labels"][overlap.argmax(1)]
+    channel = torch.zeros_like(labels) if agnostic else labels
+    probs = seen["logits"][torch.arange(len(labels)), channel].float().sigmoid()  # (P, 28, 28)
+    expected = paste_masks_in_image(probs[:, None], boxes, (64, 80))[:, 0] >= 0.5  # (P, 64, 80)
+    assert masks.shape == (len(boxes), 64, 80) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert (masks.bool() == expected).float().mean() > 0.999
+    loss = losses["loss_mask_class"]
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(seen["out"], labels - 1))
+    loss.backward()
+    assert model.mask_classifier.classify.weight.grad.abs().sum() > 0
+    others = [p.grad for n, p in model.named_parameters() if not n.startswith("mask_classifier")]
+    assert all(g is None for g in others)
+    # no object, no positive proposal: a zero loss that still reaches the classifier
+    model.zero_grad()
+    empty = model(images[1:], targets[1:])["loss_mask_class"]
+    assert empty.item() == 0.0
+    empty.backward()
+    assert all(p.grad is not None for p in model.mask_classifier.parameters())
+    with pytest.raises(UserError, match="classifier_masks.*'both'.*predicted, truth"):
+        _build("mask_rcnn", mask_classifier=True, classifier_masks="both")

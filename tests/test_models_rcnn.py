@@ -573,6 +573,42 @@ def test_mask_roi_size_sets_the_mask_resolution(instance_batch) -> None:
         mask_rcnn(3, **LIGHT, mask_roi_size=0)
 
 
+def test_mask_roi_levels_pools_every_mask_roi_from_the_finest_levels(instance_batch) -> None:
+    """mask_roi_levels 1: the mask head's input for every RoI, large or small, is RoIAlign on
+    the stride-4 level alone (checked against torchvision's roi_align on that map); 2: a RoI
+    too large for P3 is clamped to it. The box branch keeps all four levels."""
+    ds, images, targets = instance_batch
+    torch.manual_seed(0)
+    model = mask_rcnn(ds.categories.num_classes, **LIGHT, mask_roi_levels=1).eval()
+    assert model.roi_heads.mask_roi_pool.featmap_names == ["0"]
+    assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2", "3"]
+    image = images[0]
+    side = image.shape[-1]
+    with torch.inference_mode():
+        features = model.backbone(((image - 0.45) / 0.225)[None])
+        boxes = [torch.tensor([[2.0, 3.0, 18.0, 21.0], [0.0, 0.0, 300.0, 300.0]])]
+        pooled = model.roi_heads.mask_roi_pool(features, boxes, [(side, side)])
+        rois = torch.cat([torch.zeros(2, 1), boxes[0]], 1)  # (2, 5): image index, box
+        expected = torchvision.ops.roi_align(features["0"], rois, (14, 14), 0.25, 2)
+        torch.testing.assert_close(pooled, expected)
+        two = mask_rcnn(ds.categories.num_classes, **LIGHT, mask_roi_levels=2).eval()
+        two.load_state_dict(model.state_dict())
+        pooled = two.roi_heads.mask_roi_pool(features, boxes, [(side, side)])
+        big = torchvision.ops.roi_align(features["1"], rois[1:], (14, 14), 0.125, 2)
+        torch.testing.assert_close(pooled[1:], big)
+        every = mask_rcnn(ds.categories.num_classes, **LIGHT).eval()  # torchvision's levels
+        every.load_state_dict(model.state_dict())
+        pooled = every.roi_heads.mask_roi_pool(features, boxes, [(side, side)])
+        big = torchvision.ops.roi_align(features["2"], rois[1:], (14, 14), 0.0625, 2)
+        torch.testing.assert_close(pooled[1:], big)
+    model.train()
+    losses = model(images, targets)
+    assert torch.isfinite(losses["loss_mask"])
+    for bad in (0, 5, True, 1.5):
+        with pytest.raises(UserError, match="mask_roi_levels must be an integer from 1 to 4"):
+            mask_rcnn(3, **LIGHT, mask_roi_levels=bad)
+
+
 def test_class_agnostic_mask_rcnn_fast_path_equals_the_plain_one() -> None:
     """mask_class_agnostic: the fast eval path gives what torchvision's own path does with the
     same weights, and every detection's mask is the one map whatever its label."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,12 +12,7 @@ import pixelwise.ops.roi_align as pra
 from pixelwise.ops.roi_align import ParallelMultiScaleRoIAlign, parallel_roi_align
 
 
-@pytest.fixture(autouse=True)
-def two_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 def _boxes(n: int, size: float, generator: torch.Generator, small: float = 2.0) -> torch.Tensor:

@@ -32,8 +32,9 @@ way out (torchvision predicts the centre of the heatmap cell: detectron2 does th
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +49,17 @@ from torchvision.models.detection.faster_rcnn import (
 )
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, box_iou
 
 from pixelwise.data.keypoints import DEFAULT_SIGMA, KeypointSchema
 from pixelwise.errors import UserError, unknown_name
-from pixelwise.models.fast_postprocess import FastRoIHeads, RCNNTransform
+from pixelwise.models.fast_postprocess import FastRoIHeads, RCNNTransform, paste_masks
 from pixelwise.models.fpn_backbone import build_fpn_backbone
 from pixelwise.models.mask_classifier import MaskClassifier, top_k_classes
 from pixelwise.models.norm import GroupNorm
 from pixelwise.models.rcnn_heads import KeypointPredictor, MaskPredictor, UpsampleArg
 from pixelwise.models.rcnn_semantic import instance_semantic_target, rescore_with_semantic
+from pixelwise.models.rpn import ParallelRPN
 from pixelwise.models.semantic_fpn_head import (SemanticFPNHead, logits_at_original,
                                                 semantic_loss)
 from pixelwise.ops.roi_align import ParallelMultiScaleRoIAlign
@@ -122,11 +124,35 @@ def clean_targets(targets: list[dict[str, Any]], *, keypoint_offset: float = 0.0
 
 
 HEAD_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+# what `MaskRCNN`'s mask classifier is trained on
+CLASSIFIER_MASKS = ("truth", "predicted")
+
+
+@contextlib.contextmanager
+def _mask_branch_inputs(roi_heads: nn.Module) -> Iterator[dict[str, Any]]:
+    """Within the block, the dict gets the training mask branch's positive proposals and image
+    sizes (`mask_roi_pool`'s arguments in torchvision's `RoIHeads.forward`) and the mask
+    predictor's logits."""
+    seen: dict[str, Any] = {}
+
+    def pooled(module: nn.Module, args: tuple[Any, ...]) -> None:
+        seen["proposals"], seen["image_shapes"] = args[1], args[2]
+
+    def predicted(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+        seen["logits"] = output
+    handles = [roi_heads.mask_roi_pool.register_forward_pre_hook(pooled),
+               roi_heads.mask_predictor.register_forward_hook(predicted)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _fast_parts(model: tvd.generalized_rcnn.GeneralizedRCNN, *, resize: bool,
                 mask_threshold: float | None, fast: bool, head_dtype: str = "float32") -> None:
-    """Swap torchvision's RoI heads and transform for the pixelwise ones (same modules)."""
+    """Swap torchvision's RPN, RoI heads and transform for the pixelwise ones (same modules;
+    the RPN always, its proposals are torchvision's)."""
     if mask_threshold is not None and not 0.0 < float(mask_threshold) < 1.0:
         raise UserError(f"mask_threshold must be in (0, 1) or None, got {mask_threshold!r}")
     if head_dtype not in HEAD_DTYPES:
@@ -134,6 +160,7 @@ def _fast_parts(model: tvd.generalized_rcnn.GeneralizedRCNN, *, resize: bool,
     if head_dtype != "float32" and not fast:
         raise UserError(f"head_dtype {head_dtype} is a setting of the fast eval path: "
                         "leave fast on")
+    model.rpn = ParallelRPN.like(model.rpn)
     if fast:
         model.roi_heads = FastRoIHeads.like(model.roi_heads)
         model.roi_heads.head_dtype = HEAD_DTYPES[head_dtype]
@@ -155,7 +182,11 @@ class MaskRCNN(tvd.MaskRCNN):
     ``classifier_jitter`` of the box's size ("loss_mask_class", cross-entropy x
     ``classifier_weight``); at eval every detection is emitted with its ``classifier_top_k``
     most probable classes (score x probability), then the box head's per-class NMS runs again
-    and the ``box_detections_per_img`` best are kept."""
+    and the ``box_detections_per_img`` best are kept. ``classifier_masks="predicted"`` trains
+    it instead on what it sees at eval: the mask head's own masks of the step's positive
+    proposals (detached, pasted into the image and thresholded as at eval, the channel of the
+    matched object's class, or the one map of a class-agnostic head), at the proposals' boxes,
+    each named by the ground-truth object it overlaps most (as SOLOv2 trains it)."""
 
     def __init__(self, backbone: nn.Module, num_classes: int | None = None, *,
                  min_size: int | Sequence[int] | None = None, max_size: int = 1333,
@@ -164,7 +195,8 @@ class MaskRCNN(tvd.MaskRCNN):
                  aux_semantic: float = 0.0,
                  semantic_rescore: float = 0.0, mask_classifier: MaskClassifier | None = None,
                  classifier_top_k: int = 2, classifier_weight: float = 1.0,
-                 classifier_jitter: float = 0.1, **kwargs: Any) -> None:
+                 classifier_jitter: float = 0.1, classifier_masks: str = "truth",
+                 **kwargs: Any) -> None:
         super().__init__(backbone, num_classes, min_size=1 if min_size is None else min_size,
                          max_size=max_size, **kwargs)
         _fast_parts(self, resize=min_size is not None, mask_threshold=mask_threshold, fast=fast,
@@ -176,13 +208,21 @@ class MaskRCNN(tvd.MaskRCNN):
         self.classifier_top_k = classifier_top_k
         self.classifier_weight = float(classifier_weight)
         self.classifier_jitter = float(classifier_jitter)
+        if classifier_masks not in CLASSIFIER_MASKS:
+            raise unknown_name("classifier_masks", classifier_masks, CLASSIFIER_MASKS)
+        self.classifier_masks = classifier_masks
 
     def forward(self, images: list[torch.Tensor],
                 targets: list[dict[str, Any]] | None = None) -> Any:
         cleaned = clean_targets(targets) if self.training and targets is not None else None
-        out = self._detector_forward(images, targets, cleaned)
         if self.mask_classifier is None or (self.training and targets is None):
-            return out
+            return self._detector_forward(images, targets, cleaned)
+        if self.training and self.classifier_masks == "predicted":
+            with _mask_branch_inputs(self.roi_heads) as seen:
+                out = self._detector_forward(images, targets, cleaned)
+            return {**out, "loss_mask_class": self.predicted_classifier_loss(images, cleaned,
+                                                                             seen)}
+        out = self._detector_forward(images, targets, cleaned)
         if self.training:
             return {**out, "loss_mask_class": self.classifier_loss(images, cleaned)}
         return [self.reclassify(image, det) for image, det in zip(images, out)]
@@ -221,6 +261,42 @@ class MaskRCNN(tvd.MaskRCNN):
         logits = classifier(self._normalised(images), index, masks, box, stride=1)
         labels = torch.cat([t["labels"] for t in targets])
         return torch.nn.functional.cross_entropy(logits.float(), labels - 1) * (
+            self.classifier_weight)
+
+    def predicted_classifier_loss(self, images: Sequence[torch.Tensor],
+                                  targets: list[dict[str, torch.Tensor]],
+                                  seen: dict[str, Any]) -> torch.Tensor:
+        """The mask classifier's cross-entropy on the mask head's masks of this step's positive
+        proposals (`seen`: what `_mask_branch_inputs` caught), in the original images' frame."""
+        classifier = self.mask_classifier
+        proposals = seen.get("proposals") or []
+        if sum(len(p) for p in proposals) == 0:  # no positive: a zero reaching the parameters
+            return sum(p.sum() for p in classifier.parameters()) * 0.0
+        height = max(int(img.shape[-2]) for img in images)
+        width = max(int(img.shape[-1]) for img in images)
+        logits = seen["logits"].detach().float()  # (P, K or 1, 2m, 2m), images in order
+        index, boxes, labels, masks = [], [], [], []
+        for k, (props, logit, shape, target) in enumerate(zip(
+                proposals, logits.split([len(p) for p in proposals]), seen["image_shapes"],
+                targets)):
+            if len(props) == 0:
+                continue
+            img_h, img_w = (int(v) for v in images[k].shape[-2:])
+            scale = props.new_tensor([img_w / shape[1], img_h / shape[0]]).repeat(2)  # (4,)
+            box = props.detach().float() * scale  # (P_k, 4) in the original image
+            label = target["labels"][box_iou(box, target["boxes"].float()).argmax(1)]
+            channel = 0 if logit.shape[1] == 1 else label
+            probs = logit[torch.arange(len(box)), channel].sigmoid()  # (P_k, 2m, 2m)
+            pasted = paste_masks(probs, box, (img_h, img_w),  # (P_k, 1, H, W)
+                                 threshold=self.transform.mask_threshold)
+            masks.append(torch.nn.functional.pad(pasted[:, 0].float(),
+                                                 (0, width - img_w, 0, height - img_h)))
+            index.append(torch.full((len(box),), k, device=box.device))
+            boxes.append(box)
+            labels.append(label)
+        out = classifier(self._normalised(images), torch.cat(index), torch.cat(masks),
+                         torch.cat(boxes), stride=1)  # (P, K)
+        return torch.nn.functional.cross_entropy(out.float(), torch.cat(labels) - 1) * (
             self.classifier_weight)
 
     @torch.no_grad()
@@ -400,6 +476,17 @@ def _head_layers(name: str, values: Sequence[int]) -> tuple[int, ...]:
     return layers
 
 
+def _roi_levels(names: Sequence[str], levels: int | None, option: str) -> list[str]:
+    """The `levels` finest of the FPN's feature map `names` (all for None); a one-line error
+    naming `option` for a count out of range."""
+    if levels is None:
+        return list(names)
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= len(names):
+        raise UserError(f"{option} must be an integer from 1 to {len(names)} (the FPN's levels), "
+                        f"got {levels!r}")
+    return list(names[:levels])
+
+
 def _check_positive(**values: Any) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -417,6 +504,7 @@ def mask_rcnn(
     upsample: UpsampleArg = "transposed",
     mask_head_layers: Sequence[int] = (256, 256, 256, 256),
     mask_roi_size: int = 14,
+    mask_roi_levels: int | None = None,
     head_norm: str | None = None,
     box_head_convs: int = 0,
     anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
@@ -449,6 +537,7 @@ def mask_rcnn(
     classifier_top_k: int = 2,
     classifier_weight: float = 1.0,
     classifier_jitter: float = 0.1,
+    classifier_masks: str = "truth",
 ) -> MaskRCNN:
     """Mask R-CNN with a `backbone`-FPN (resnet18/34/50, mobilenet_v3_large), random init or
     `weights` (a local classification state dict for the backbone).
@@ -458,6 +547,10 @@ def mask_rcnn(
     mask_roi_size: the mask branch's RoIAlign output side; masks are predicted (and trained) at
     twice it (14: the paper's 28 x 28; 28 gives 56 x 56 masks, 4x the mask head's cost, for
     thin parts such as limbs).
+    mask_roi_levels: how many of the finest FPN levels the mask branch pools from (None: all,
+    each RoI from the level its size maps to, as torchvision; 1: every RoI from the stride-4
+    level, so that a large object's 14 x 14 RoI samples 4-pixel features, not 16- or 32-pixel
+    ones; RoIs too large for the levels kept go to the coarsest of them).
     fpn_channels: the FPN's width (256 as torchvision; 128 halves the cost on small images).
     head_norm: "bn" or "gn" normalises the FPN and the mask (and conv box) head, as
     torchvision's v2 Mask R-CNN (BN) and training from scratch (He et al. 2019, GN) do; None
@@ -480,6 +573,8 @@ def mask_rcnn(
     needs aux_semantic > 0).
     mask_classifier: add the second-stage `MaskClassifier` (crops `classifier_size` px, CNN
     `classifier_widths`, box margin `classifier_margin`; the rest: see `MaskRCNN`).
+    classifier_masks: what it is trained on: "truth" (the ground-truth masks at jittered
+    boxes) or "predicted" (the mask head's own masks of the positive proposals, as at eval).
     """
     settings = dict(locals())  # the RPN / box options are passed on as they are (RPN_BOX_OPTIONS)
     _check_positive(num_classes=num_classes, box_detections_per_img=box_detections_per_img,
@@ -504,8 +599,9 @@ def mask_rcnn(
         min_size=min_size, max_size=max_size, mask_threshold=mask_threshold, fast=fast,
         head_dtype=head_dtype,
         **_pick(settings, RPN_BOX_OPTIONS),
-        mask_roi_pool=ParallelMultiScaleRoIAlign(body.featmap_names, output_size=mask_roi_size,
-                                                 sampling_ratio=2),
+        mask_roi_pool=ParallelMultiScaleRoIAlign(
+            _roi_levels(body.featmap_names, mask_roi_levels, "mask_roi_levels"),
+            output_size=mask_roi_size, sampling_ratio=2),
         mask_head=MaskRCNNHeads(body.out_channels, layers, 1, norm_layer=norm_layer(head_norm)),
         mask_predictor=MaskPredictor(layers[-1], num_classes, upsample,
                                      class_agnostic=mask_class_agnostic),
@@ -518,6 +614,7 @@ def mask_rcnn(
                                        ) if mask_classifier else None,
         classifier_top_k=min(classifier_top_k, num_classes - 1),
         classifier_weight=classifier_weight, classifier_jitter=classifier_jitter,
+        classifier_masks=classifier_masks,
         **kwargs,
     )
 

@@ -18,10 +18,7 @@ for few RoIs.
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,42 +26,16 @@ from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
+from pixelwise.ops.cpu_threads import parts_for, run_split
+
 # fewer RoIs than this per thread: not worth a thread hand-off (~20 us each)
 MIN_ROIS_PER_THREAD = 32
-
-_pool_lock = threading.Lock()
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """One pool per process (a forked child must not reuse its parent's threads), rebuilt when
-    the number of torch threads changes (the old one's idle threads are let go)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
-            if _pool is not None and _pool[0] == os.getpid():
-                _pool[2].shutdown(wait=False)
-            _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, "roi_align"))
-        return _pool[2]
 
 
 def _chunks(rois: Tensor) -> list[Tensor] | None:
     """`rois` split into one contiguous chunk per torch thread, None when not worth it."""
-    threads = torch.get_num_threads()
-    parts = min(threads, len(rois) // MIN_ROIS_PER_THREAD)
-    if parts < 2:
-        return None
-    return list(rois.chunk(parts))
-
-
-def _run(fn: Callable[[Any], Tensor], chunks: Sequence[Any]) -> list[Tensor]:
-    """fn on every chunk, the first on this thread and the others on the pool (without autograd
-    there: grad mode is per thread, and these run inside an autograd Function)."""
-    def untracked(chunk: Any) -> Tensor:
-        with torch.no_grad():
-            return fn(chunk)
-    futures = [_executor(len(chunks) - 1).submit(untracked, c) for c in chunks[1:]]
-    return [fn(chunks[0]), *(f.result() for f in futures)]
+    parts = parts_for(len(rois), MIN_ROIS_PER_THREAD)
+    return list(rois.chunk(parts)) if parts >= 2 else None
 
 
 class _ParallelRoIAlign(torch.autograd.Function):
@@ -79,7 +50,7 @@ class _ParallelRoIAlign(torch.autograd.Function):
         def pool(part: Tensor) -> Tensor:
             return torch.ops.torchvision.roi_align(input, part, spatial_scale, ph, pw,
                                                    sampling_ratio, aligned)
-        return torch.cat(_run(pool, chunks)) if chunks else pool(rois)
+        return torch.cat(run_split(pool, chunks)) if chunks else pool(rois)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -93,7 +64,7 @@ class _ParallelRoIAlign(torch.autograd.Function):
             return torch.ops.torchvision._roi_align_backward(
                 part_grad, part, spatial_scale, ph, pw, n, c, h, w, sampling_ratio, aligned)
         pairs = list(zip(grad.split(splits), rois.split(splits)))
-        grads = _run(back, pairs) if len(pairs) > 1 else [back(pairs[0])]
+        grads = run_split(back, pairs)
         total = grads[0]
         for g in grads[1:]:
             total = total + g
