@@ -143,7 +143,8 @@ RECIPES: dict[str, Recipe] = {
         # Since the sixteenth session the RPN filters each thread's share of the images on its
         # own thread (`pixelwise.models.rpn`), keeps 1000 boxes per level before NMS (was
         # torchvision's 2000) and the run validates once before the end (was three times):
-        # the step ~0.65 -> ~0.53 s, 1808 steps, 0.676 / 0.472 (training seed 0). Tried, not
+        # the step ~0.65 -> ~0.53 s; training seeds 0, 1, 2: 1808, 1672, 1912 steps, 0.676 /
+        # 0.472, 0.625 / 0.417, 0.699 / 0.487 (mean 0.667 / 0.459, sd 0.038 AP50). Tried, not
         # kept: mask_roi_levels 1 (every mask RoI from the stride-4 level; with pre-NMS 1000,
         # three validations) 0.599 / 0.402 (1570 steps; nearly every object maps there anyway);
         # mask_classifier with classifier_masks "predicted" (trained on its own class-agnostic
