@@ -128,6 +128,16 @@ HEAD_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 CLASSIFIER_MASKS = ("truth", "predicted")
 
 
+def _padded_size(images: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(H, W) of the zero-padded batch that holds every (C, h, w) image at its own size."""
+    return (max(int(img.shape[-2]) for img in images), max(int(img.shape[-1]) for img in images))
+
+
+def _zero_loss(module: nn.Module) -> torch.Tensor:
+    """A zero that reaches every parameter of `module` (DDP needs a gradient for each)."""
+    return sum(p.sum() for p in module.parameters()) * 0.0
+
+
 @contextlib.contextmanager
 def _mask_branch_inputs(roi_heads: nn.Module) -> Iterator[dict[str, Any]]:
     """Within the block, the dict gets the training mask branch's positive proposals and image
@@ -231,8 +241,7 @@ class MaskRCNN(tvd.MaskRCNN):
         """Images (C, H, W) in [0, 1], normalised as the backbone sees them (the transform's
         own `normalize`), zero-padded to one batch (N, C, H, W) at their own size (the
         classifier crops by image coordinates, not the transform's resized ones)."""
-        height = max(int(img.shape[-2]) for img in images)
-        width = max(int(img.shape[-1]) for img in images)
+        height, width = _padded_size(images)
         batch = images[0].new_zeros(len(images), images[0].shape[0], height, width,
                                     dtype=torch.float32)
         for k, img in enumerate(images):
@@ -246,14 +255,13 @@ class MaskRCNN(tvd.MaskRCNN):
         classifier = self.mask_classifier
         boxes = [t["boxes"] for t in targets]
         if sum(len(b) for b in boxes) == 0:  # no object: a zero that reaches its parameters
-            return sum(p.sum() for p in classifier.parameters()) * 0.0
+            return _zero_loss(classifier)
         index = torch.cat([torch.full((len(b),), k, device=b.device)
                            for k, b in enumerate(boxes)])  # (M,)
         box = torch.cat(boxes)  # (M, 4)
         size = (box[:, 2:] - box[:, :2]).repeat(1, 2)  # (M, 4) w, h, w, h
         box = box + (torch.rand_like(box) * 2 - 1) * self.classifier_jitter * size
-        height = max(int(img.shape[-2]) for img in images)
-        width = max(int(img.shape[-1]) for img in images)
+        height, width = _padded_size(images)
         masks = torch.cat([torch.nn.functional.pad(  # each (N_k, h, w) -> (N_k, H, W)
             t["masks"].to(torch.float32),
             (0, width - t["masks"].shape[-1], 0, height - t["masks"].shape[-2]))
@@ -271,9 +279,8 @@ class MaskRCNN(tvd.MaskRCNN):
         classifier = self.mask_classifier
         proposals = seen.get("proposals") or []
         if sum(len(p) for p in proposals) == 0:  # no positive: a zero reaching the parameters
-            return sum(p.sum() for p in classifier.parameters()) * 0.0
-        height = max(int(img.shape[-2]) for img in images)
-        width = max(int(img.shape[-1]) for img in images)
+            return _zero_loss(classifier)
+        height, width = _padded_size(images)
         logits = seen["logits"].detach().float()  # (P, K or 1, 2m, 2m), images in order
         index, boxes, labels, masks = [], [], [], []
         for k, (props, logit, shape, target) in enumerate(zip(
