@@ -77,7 +77,7 @@ def mask_run(root: Path, instance_data: Path) -> Path:
 def keypoint_run(root: Path, keypoint_data: Path) -> Path:
     out = root / "keypoint_run"
     assert main(["train", "--data", str(keypoint_data), "--out", str(out), "--max-steps", "1",
-                 *KEYPOINT]) == 0
+                 "--scale-jitter", "0.9,1.1", "--color-jitter", "0", *KEYPOINT]) == 0
     return out
 
 
@@ -280,6 +280,27 @@ def test_semantic_options_and_models_are_refused(instance_data: Path, tmp_path: 
                  "--no-progress", "--overwrite"]) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "detection model" in err
+
+
+def test_scale_and_color_jitter_set_the_task_augmentation(
+        instance_data: Path, mask_run: Path, keypoint_run: Path) -> None:
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.trainer import _task_jitter
+
+    def task_of(run: Path) -> dict:
+        return json.loads((run / "config.json").read_text())["task"]
+    assert (task_of(mask_run)["scale"], task_of(mask_run)["jitter"]) == ([0.75, 1.25], 0.2)
+    assert (task_of(keypoint_run)["scale"], task_of(keypoint_run)["jitter"]) == ([0.9, 1.1], 0)
+    with pytest.raises(UserError, match="color_jitter is for the semantic task"):
+        TrainConfig(task="panoptic", color_jitter=0.1)
+    cfg = TrainConfig(task="instance", scale_jitter=(1, 1), color_jitter=0.0)  # no crop needed
+    task = InstanceTask.from_data(instance_data, **_task_jitter(cfg))
+    assert (task.scale, task.jitter) == (None, 0.0)
+    image, _ = task.dataset(instance_data, "train")[0]
+    for seed in range(4):  # only the flip is left
+        torch.manual_seed(seed)
+        out, _ = task.dataset(instance_data, "train", train=True)[0]
+        assert torch.equal(out, image) or torch.equal(out, image.flip(-1))
 
 
 def test_empty_images_degenerate_and_crowd_boxes_train(

@@ -74,12 +74,14 @@ TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
                                               "a class drawn uniformly among the image's classes "
                                               "(oversamples rare classes; default 0)"),
     ("--scale-jitter", "scale_jitter", parse_floats, "LOW,HIGH: rescale training images by a "
-                                                     "random factor, cut back to --crop or "
-                                                     "--size (semantic)"),
+                                                     "random factor (semantic: cut back to "
+                                                     "--crop or --size; instance, keypoints: "
+                                                     "default 0.75,1.25, 1,1 for none)"),
     ("--rotate", "rotate", float, "rotate training images by a random angle within +-DEG "
                                   "(semantic; corners ignored)"),
     ("--color-jitter", "color_jitter", float, "brightness/contrast/saturation jitter strength, "
-                                              "hue a quarter of it (semantic; e.g. 0.2)"),
+                                              "hue a quarter of it (semantic: default 0; "
+                                              "instance, keypoints: default 0.2)"),
     ("--class-mix", "class_mix", float, "probability that a training image gets the pixels of a "
                                         "random half of another one's classes pasted on "
                                         "(ClassMix; semantic; e.g. 0.5)"),

@@ -16,6 +16,9 @@ from pixelwise.errors import UserError
 
 OPTIMIZER_NAMES = ("adamw", "sgd")  # built in pixelwise.engine.trainer.OPTIMIZERS
 SCHEDULE_NAMES = ("cosine", "poly")  # built in pixelwise.engine.schedules.SCHEDULES
+# tasks whose random scale and photometric jitter `scale_jitter` / `color_jitter` set
+# (`pixelwise.tasks.instance.InstanceTask`'s scale and jitter)
+JITTERED_TASKS = ("instance", "keypoints")
 
 
 @dataclass
@@ -55,12 +58,13 @@ class TrainConfig:
     # probability that a crop is centred on a pixel of a class drawn uniformly among the image's
     # classes (oversamples rare classes; needs crop). 0: plain random crops
     crop_balance: float = 0.0
-    # semantic augmentation beyond the horizontal flip: a random rescale by a factor in
-    # (low, high), cut back to `crop` (or `size`); a random rotation within +-`rotate` degrees;
-    # photometric jitter of this strength
+    # augmentation beyond the horizontal flip: a random rescale by a factor in (low, high)
+    # (semantic: cut back to `crop` or `size`); a random rotation within +-`rotate` degrees
+    # (semantic); photometric jitter of this strength. None: the task's default (semantic:
+    # none; instance and keypoints: scale (0.75, 1.25), jitter 0.2; scale (1, 1) turns it off)
     scale_jitter: tuple[float, float] | None = None
     rotate: float = 0.0
-    color_jitter: float = 0.0
+    color_jitter: float | None = None
     # probability that a training image gets the pixels of some classes of another one pasted
     # on (ClassMix: a random half of that image's classes, or every class in `mix_classes`)
     class_mix: float = 0.0
@@ -148,21 +152,25 @@ class TrainConfig:
             raise UserError(f"crop_balance must be in [0, 1], got {self.crop_balance}")
         if self.crop_balance > 0 and self.crop is None:
             raise UserError("crop_balance needs a crop (--crop HxW)")
-        augment = {"scale_jitter": self.scale_jitter is not None, "rotate": self.rotate != 0,
-                   "color_jitter": self.color_jitter != 0, "class_mix": self.class_mix != 0,
-                   "cache": self.cache}
+        # the instance and keypoint tasks take the random scale and the photometric jitter
+        jitters = self.task in JITTERED_TASKS
+        augment = {"scale_jitter": self.scale_jitter is not None and not jitters,
+                   "rotate": self.rotate != 0,
+                   "color_jitter": bool(self.color_jitter) and not jitters,
+                   "class_mix": self.class_mix != 0, "cache": self.cache}
         used = [name for name, on in augment.items() if on]
         if used and self.task != "semantic":
             raise UserError(f"{', '.join(used)} is for the semantic task, not {self.task!r} (the "
                             "other tasks read and augment their data by their own settings)")
         if self.scale_jitter is not None and not 0 < self.scale_jitter[0] <= self.scale_jitter[1]:
             raise UserError(f"scale_jitter must satisfy 0 < low <= high, got {self.scale_jitter}")
-        if self.scale_jitter is not None and self.crop is None and self.size is None:
+        if (self.scale_jitter is not None and self.task == "semantic" and self.crop is None
+                and self.size is None):
             raise UserError("scale_jitter needs --crop or --size to cut the rescaled images back "
                             "to (one size per batch)")
         if not 0 <= self.rotate <= 180:
             raise UserError(f"rotate must be in [0, 180] degrees, got {self.rotate}")
-        if not 0 <= self.color_jitter <= 1:
+        if self.color_jitter is not None and not 0 <= self.color_jitter <= 1:
             raise UserError(f"color_jitter must be in [0, 1], got {self.color_jitter}")
         if not 0 <= self.copy_paste <= 1:
             raise UserError(f"copy_paste must be in [0, 1], got {self.copy_paste}")

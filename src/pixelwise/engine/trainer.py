@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 from pixelwise.atomic import write_json, write_text
 from pixelwise.engine import distributed
 from pixelwise.engine.checkpoint import load_checkpoint, save_checkpoint
-from pixelwise.engine.config import TrainConfig
+from pixelwise.engine.config import JITTERED_TASKS, TrainConfig
 from pixelwise.engine.curves import plot_curves, read_metrics
 from pixelwise.engine.ema import WeightAverage
 from pixelwise.engine.loader import (
@@ -552,6 +552,17 @@ def _has_split(root: str | os.PathLike, split: str) -> bool:
     return split in detect_layout(root).splits
 
 
+def _task_jitter(cfg: TrainConfig) -> dict[str, Any]:
+    """The instance / keypoint task's `scale` and `jitter` settings that `cfg` gives (scale
+    (1, 1): none); empty where it keeps the task's defaults."""
+    options: dict[str, Any] = {}
+    if cfg.scale_jitter is not None:
+        options["scale"] = None if cfg.scale_jitter == (1.0, 1.0) else cfg.scale_jitter
+    if cfg.color_jitter is not None:
+        options["jitter"] = cfg.color_jitter
+    return options
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Build the task, datasets and model that `cfg` names and train them (see `Trainer.fit`).
 
@@ -571,11 +582,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     valid_options = model_options_of(cfg.model)  # an unknown model name fails here, before data
     options = {k: v for k, v in (("loss", cfg.loss), ("class_weights", cfg.class_weights),
                                  ("loss_at", cfg.loss_at)) if v is not None}
+    if cfg.task in JITTERED_TASKS:
+        options.update(_task_jitter(cfg))
     task = TASKS[cfg.task].from_data(cfg.data, **options)
     # semantic only (the config checks)
     semantic = cfg.task == "semantic"
     augment = {"crop": cfg.crop, "crop_balance": cfg.crop_balance, "scale": cfg.scale_jitter,
-               "rotate": cfg.rotate, "jitter": cfg.color_jitter, "class_mix": cfg.class_mix,
+               "rotate": cfg.rotate, "jitter": cfg.color_jitter or 0.0,
+               "class_mix": cfg.class_mix,
                "mix_classes": cfg.mix_classes, "mix_turn": cfg.mix_turn} if semantic else {}
     cache = {"cache": cfg.cache} if semantic else {}
     train_set = task.dataset(cfg.data, "train", size=cfg.size, train=True, skip_bad=cfg.skip_bad,
