@@ -573,6 +573,25 @@ def test_mask_roi_size_sets_the_mask_resolution(instance_batch) -> None:
         mask_rcnn(3, **LIGHT, mask_roi_size=0)
 
 
+def test_mask_head_dilation_widens_what_a_mask_pixel_sees() -> None:
+    """Four 3x3 convs: a corner output pixel reads input pixels up to 4 away (dilation 1) or 8
+    away (dilation 2), i.e. the whole 14 x 14 RoI from its centre."""
+    reach = {}
+    for dilation in (1, 2):
+        torch.manual_seed(0)
+        head = mask_rcnn(3, **{**LIGHT, "mask_head_layers": (8,) * 4},
+                         mask_head_dilation=dilation).roi_heads.mask_head
+        x = torch.randn(1, head[0][0].in_channels, 14, 14, requires_grad=True)
+        out = head(x)
+        assert out.shape == (1, 8, 14, 14)
+        out[0, :, 0, 0].sum().backward()
+        rows, cols = torch.nonzero(x.grad[0].abs().sum(0)).unbind(1)
+        reach[dilation] = (int(rows.max()), int(cols.max()))
+    assert reach == {1: (4, 4), 2: (8, 8)}
+    with pytest.raises(UserError, match="mask_head_dilation must be an integer >= 1, got 0"):
+        mask_rcnn(3, **LIGHT, mask_head_dilation=0)
+
+
 def test_mask_roi_levels_pools_every_mask_roi_from_the_finest_levels(instance_batch) -> None:
     """mask_roi_levels 1: the mask head's input for every RoI, large or small, is RoIAlign on
     the stride-4 level alone (checked against torchvision's roi_align on that map); 2: a RoI

@@ -510,6 +510,7 @@ def mask_rcnn(
     fpn_channels: int = 256,
     upsample: UpsampleArg = "transposed",
     mask_head_layers: Sequence[int] = (256, 256, 256, 256),
+    mask_head_dilation: int = 1,
     mask_roi_size: int = 14,
     mask_roi_levels: int | None = None,
     head_norm: str | None = None,
@@ -550,7 +551,10 @@ def mask_rcnn(
     `weights` (a local classification state dict for the backbone).
 
     num_classes counts the background (K + 1). upsample: the mask predictor's upsampler
-    (`rcnn_heads.MaskPredictor`). mask_head_layers: channels of the 3x3 convs before it.
+    (`rcnn_heads.MaskPredictor`). mask_head_layers: channels of the 3x3 convs before it;
+    mask_head_dilation: their dilation (torchvision's MaskRCNNHeads; 1 as the paper: four
+    convs see 9 x 9 of the 14 x 14 RoI; 2: 17 x 17, the whole RoI, at the same cost, so that a
+    mask can tell the object its box is centred on from another one overlapping it).
     mask_roi_size: the mask branch's RoIAlign output side; masks are predicted (and trained) at
     twice it (14: the paper's 28 x 28; 28 gives 56 x 56 masks, 4x the mask head's cost, for
     thin parts such as limbs).
@@ -601,6 +605,8 @@ def mask_rcnn(
                            anchor_sizes, aspect_ratios, image_mean, image_std, fpn_channels,
                            head_norm, box_head_convs)
     layers = _head_layers("mask_head_layers", mask_head_layers)
+    if not (isinstance(mask_head_dilation, int) and mask_head_dilation >= 1):
+        raise UserError(f"mask_head_dilation must be an integer >= 1, got {mask_head_dilation!r}")
     return MaskRCNN(
         body, None,
         min_size=min_size, max_size=max_size, mask_threshold=mask_threshold, fast=fast,
@@ -609,7 +615,8 @@ def mask_rcnn(
         mask_roi_pool=ParallelMultiScaleRoIAlign(
             _roi_levels(body.featmap_names, mask_roi_levels, "mask_roi_levels"),
             output_size=mask_roi_size, sampling_ratio=2),
-        mask_head=MaskRCNNHeads(body.out_channels, layers, 1, norm_layer=norm_layer(head_norm)),
+        mask_head=MaskRCNNHeads(body.out_channels, layers, mask_head_dilation,
+                                norm_layer=norm_layer(head_norm)),
         mask_predictor=MaskPredictor(layers[-1], num_classes, upsample,
                                      class_agnostic=mask_class_agnostic),
         semantic_head=None if aux_semantic == 0 else SemanticFPNHead(
