@@ -303,6 +303,21 @@ def test_scale_and_color_jitter_set_the_task_augmentation(
         assert torch.equal(out, image) or torch.equal(out, image.flip(-1))
 
 
+def test_resume_keeps_the_task_augmentation_of_older_runs() -> None:
+    """A run saved before `color_jitter` reached the instance task stored 0.0 there while its
+    task jittered at 0.2: resuming takes the task section's settings."""
+    from pixelwise.cli.train import _with_task_augmentation
+
+    old = {"task": "instance", "scale_jitter": None, "color_jitter": 0.0}
+    resumed = _with_task_augmentation(old, {"name": "instance", "scale": [0.75, 1.25],
+                                            "jitter": 0.2})
+    assert (resumed["scale_jitter"], resumed["color_jitter"]) == ([0.75, 1.25], 0.2)
+    off = _with_task_augmentation({**old, "task": "keypoints"}, {"scale": None, "jitter": 0.0})
+    assert (off["scale_jitter"], off["color_jitter"]) == ([1.0, 1.0], 0.0)
+    semantic = {"task": "semantic", "color_jitter": 0.1}
+    assert _with_task_augmentation(semantic, {"name": "semantic"}) == semantic
+
+
 def test_empty_images_degenerate_and_crowd_boxes_train(
         instance_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:

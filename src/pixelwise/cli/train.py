@@ -166,7 +166,8 @@ def build_config(args: argparse.Namespace) -> Any:
             TrainConfig(out=str(args.out), model_options=options, **given))
     saved_path = args.out / "config.json"
     try:
-        saved = json.loads(saved_path.read_text())["train"]
+        run_config = json.loads(saved_path.read_text())
+        saved = _with_task_augmentation(run_config["train"], run_config.get("task"))
     except FileNotFoundError:
         raise UserError(f"{args.out}: nothing to resume (no config.json)") from None
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -183,6 +184,20 @@ def build_config(args: argparse.Namespace) -> Any:
                         f"(only {', '.join(RESUME_OVERRIDES)})")
     changes = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
     return dataclasses.replace(cfg, out=str(args.out), **changes)
+
+
+def _with_task_augmentation(train: dict[str, Any], task: dict[str, Any] | None
+                            ) -> dict[str, Any]:
+    """A saved instance / keypoint run's training settings with the random scale and colour
+    jitter its task used (`config.json`'s task section), so that a resumed run augments as it
+    did, also when it was saved before `scale_jitter` / `color_jitter` reached these tasks."""
+    from pixelwise.engine.config import JITTERED_TASKS
+
+    if train.get("task") not in JITTERED_TASKS or not isinstance(task, dict):
+        return train
+    if "scale" not in task or "jitter" not in task:
+        return train
+    return {**train, "scale_jitter": task["scale"] or [1.0, 1.0], "color_jitter": task["jitter"]}
 
 
 def with_task_model_options(cfg: Any) -> Any:
