@@ -588,7 +588,7 @@ def test_mask_head_dilation_widens_what_a_mask_pixel_sees() -> None:
         rows, cols = torch.nonzero(x.grad[0].abs().sum(0)).unbind(1)
         reach[dilation] = (int(rows.max()), int(cols.max()))
     assert reach == {1: (4, 4), 2: (8, 8)}
-    with pytest.raises(UserError, match="mask_head_dilation must be an integer >= 1, got 0"):
+    with pytest.raises(UserError, match="mask_head_dilation must be a positive integer, got 0"):
         mask_rcnn(3, **LIGHT, mask_head_dilation=0)
 
 

@@ -191,13 +191,14 @@ def _with_task_augmentation(train: dict[str, Any], task: dict[str, Any] | None
     """A saved instance / keypoint run's training settings with the random scale and colour
     jitter its task used (`config.json`'s task section), so that a resumed run augments as it
     did, also when it was saved before `scale_jitter` / `color_jitter` reached these tasks."""
-    from pixelwise.engine.config import JITTERED_TASKS
+    from pixelwise.engine.config import JITTERED_TASKS, NO_SCALE
 
     if train.get("task") not in JITTERED_TASKS or not isinstance(task, dict):
         return train
     if "scale" not in task or "jitter" not in task:
         return train
-    return {**train, "scale_jitter": task["scale"] or [1.0, 1.0], "color_jitter": task["jitter"]}
+    return {**train, "scale_jitter": task["scale"] or list(NO_SCALE),
+            "color_jitter": task["jitter"]}
 
 
 def with_task_model_options(cfg: Any) -> Any:

@@ -19,6 +19,7 @@ SCHEDULE_NAMES = ("cosine", "poly")  # built in pixelwise.engine.schedules.SCHED
 # tasks whose random scale and photometric jitter `scale_jitter` / `color_jitter` set
 # (`pixelwise.tasks.instance.InstanceTask`'s scale and jitter)
 JITTERED_TASKS = ("instance", "keypoints")
+NO_SCALE = (1.0, 1.0)  # their `scale_jitter` for no random scale (the task's scale None)
 
 
 @dataclass

@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 from pixelwise.atomic import write_json, write_text
 from pixelwise.engine import distributed
 from pixelwise.engine.checkpoint import load_checkpoint, save_checkpoint
-from pixelwise.engine.config import JITTERED_TASKS, TrainConfig
+from pixelwise.engine.config import JITTERED_TASKS, NO_SCALE, TrainConfig
 from pixelwise.engine.curves import plot_curves, read_metrics
 from pixelwise.engine.ema import WeightAverage
 from pixelwise.engine.loader import (
@@ -557,7 +557,7 @@ def _task_jitter(cfg: TrainConfig) -> dict[str, Any]:
     (1, 1): none); empty where it keeps the task's defaults."""
     options: dict[str, Any] = {}
     if cfg.scale_jitter is not None:
-        options["scale"] = None if cfg.scale_jitter == (1.0, 1.0) else cfg.scale_jitter
+        options["scale"] = None if cfg.scale_jitter == NO_SCALE else cfg.scale_jitter
     if cfg.color_jitter is not None:
         options["jitter"] = cfg.color_jitter
     return options

@@ -589,7 +589,8 @@ def mask_rcnn(
     """
     settings = dict(locals())  # the RPN / box options are passed on as they are (RPN_BOX_OPTIONS)
     _check_positive(num_classes=num_classes, box_detections_per_img=box_detections_per_img,
-                    mask_roi_size=mask_roi_size, semantic_channels=semantic_channels)
+                    mask_roi_size=mask_roi_size, semantic_channels=semantic_channels,
+                    mask_head_dilation=mask_head_dilation)
     if not (isinstance(aux_semantic, (int, float)) and aux_semantic >= 0):
         raise UserError(f"aux_semantic must be a weight >= 0, got {aux_semantic!r}")
     if not (isinstance(semantic_rescore, (int, float)) and 0 <= semantic_rescore <= 1):
@@ -605,8 +606,6 @@ def mask_rcnn(
                            anchor_sizes, aspect_ratios, image_mean, image_std, fpn_channels,
                            head_norm, box_head_convs)
     layers = _head_layers("mask_head_layers", mask_head_layers)
-    if not (isinstance(mask_head_dilation, int) and mask_head_dilation >= 1):
-        raise UserError(f"mask_head_dilation must be an integer >= 1, got {mask_head_dilation!r}")
     return MaskRCNN(
         body, None,
         min_size=min_size, max_size=max_size, mask_threshold=mask_threshold, fast=fast,
