@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/instance.py [--size 256] [--detections 100] [--repeats 3]
         [--threads 2] [--only eval-mask eval-keypoint train]
-        [--head-dtypes float32 bfloat16] [--json]
+        [--head-dtypes float32 bfloat16] [--device cpu] [--amp] [--json]
 
 * eval: ``maskrcnn_resnet50_fpn`` / ``keypointrcnn_resnet50_fpn`` (weights=None,
   weights_backbone=None) against pixelwise's `mask_rcnn` / `keypoint_rcnn` with the same
@@ -25,6 +25,10 @@ the best run (other processes on a shared machine only ever add time); medians a
 "cpu-s ratio" compares process CPU seconds instead (best run): with --threads 1 it is the
 least contention-sensitive figure on a busy machine (with 2 threads it counts spin-waits too).
 Goals (issue 5): eval ratio torchvision / pixelwise >= 2, train ratio >= 1 (no slower).
+
+`--device cuda` runs both models on the GPU (every timed run and stage ends with a
+synchronisation); `--amp` trains under autocast (float16 with loss scaling on CUDA, bfloat16 on
+a CPU), as `pixelwise train --amp` does.
 """
 
 from __future__ import annotations
@@ -54,6 +58,13 @@ TV_ANCHORS = (32, 64, 128, 256, 512)  # torchvision's default anchor sizes
 # boxes paste saturated probabilities as exactly 0.5): left out of the IoU, counted as flips
 TIE = 1e-4
 EVAL_GOAL, TRAIN_GOAL = 2.0, 1.0
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def _sync() -> None:
+    """Wait for the GPU's queued work, so that a wall-clock time covers it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -65,12 +76,14 @@ def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int
     and process CPU seconds of each run."""
     for fn in fns.values():
         fn()
+    _sync()
     times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in fns}
     names = list(fns)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             wall, cpu = time.perf_counter(), time.process_time()
             fns[name]()
+            _sync()
             times[name]["cpu"].append(time.process_time() - cpu)
             times[name]["wall"].append(time.perf_counter() - wall)
     return times
@@ -89,10 +102,12 @@ class StageClock:
 
     def wrap(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            _sync()
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                _sync()
                 self.seconds[label] += time.perf_counter() - start
         return timed
 
@@ -144,8 +159,10 @@ def breakdown(models: dict[str, torch.nn.Module], images: list[torch.Tensor]
     for name, model in models.items():
         clock = StageClock()
         with _stages(model, clock), torch.inference_mode():
+            _sync()
             start = time.perf_counter()
             model(images)
+            _sync()
             total = time.perf_counter() - start
         stages = dict(clock.seconds)
         stages["other"] = total - sum(stages.values())
@@ -218,9 +235,9 @@ def eval_case(kind: str, size: int, detections: int, repeats: int,
         ours = keypoint_rcnn(2, num_keypoints=17, backbone="resnet50", anchor_sizes=TV_ANCHORS,
                              head_dtype=head_dtype, **settings)
     _same_weights(ref, ours)
-    ref.eval()
-    ours.eval()
-    images = [torch.rand(3, size, size, generator=torch.Generator().manual_seed(1))]
+    ref.to(DEVICE).eval()
+    ours.to(DEVICE).eval()
+    images = [torch.rand(3, size, size, generator=torch.Generator().manual_seed(1)).to(DEVICE)]
     with torch.inference_mode():
         ours.transform.mask_threshold = None  # probabilities for the comparison
         check = agreement(ref(images)[0], ours(images)[0])
@@ -248,7 +265,7 @@ def _train_targets(size: int, n: int, seed: int) -> dict[str, torch.Tensor]:
     return {"boxes": boxes, "labels": labels, "masks": masks}
 
 
-def train_case(backbone: str, size: int, repeats: int) -> dict[str, Any]:
+def train_case(backbone: str, size: int, repeats: int, amp: bool = False) -> dict[str, Any]:
     torch.manual_seed(0)
     settings = dict(min_size=size, max_size=size)
     if backbone == "resnet50":
@@ -259,17 +276,25 @@ def train_case(backbone: str, size: int, repeats: int) -> dict[str, Any]:
         ref = tvd.MaskRCNN(body, 91, **settings)
     ours = mask_rcnn(91, backbone=backbone, anchor_sizes=TV_ANCHORS, **settings)
     _same_weights(ref, ours)
-    images = [torch.rand(3, size, size, generator=torch.Generator().manual_seed(i))
+    ref.to(DEVICE)
+    ours.to(DEVICE)
+    images = [torch.rand(3, size, size, generator=torch.Generator().manual_seed(i)).to(DEVICE)
               for i in range(2)]
-    targets = [_train_targets(size, 8, i) for i in range(2)]
+    targets = [{k: v.to(DEVICE) for k, v in _train_targets(size, 8, i).items()}
+               for i in range(2)]
+    half = torch.float16 if DEVICE.type == "cuda" else torch.bfloat16
 
     def step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> Callable[[], Any]:
+        scaler = torch.amp.GradScaler(DEVICE.type, enabled=amp and half == torch.float16)
+
         def run() -> dict[str, float]:
             torch.manual_seed(1)  # same proposal sampling for both models
-            losses = model(images, [dict(t) for t in targets])
+            with torch.autocast(DEVICE.type, dtype=half, enabled=amp):
+                losses = model(images, [dict(t) for t in targets])
             opt.zero_grad()
-            sum(losses.values()).backward()
-            opt.step()
+            scaler.scale(sum(losses.values())).backward()
+            scaler.step(opt)
+            scaler.update()
             return {k: float(v.detach()) for k, v in losses.items()}
         return run
 
@@ -280,7 +305,8 @@ def train_case(backbone: str, size: int, repeats: int) -> dict[str, Any]:
     first = {name: run() for name, run in runs.items()}  # same weights: same losses
     same = first["torchvision"] == first["pixelwise"]
     times = _interleaved(runs, repeats)
-    return {"case": f"train step {backbone}", "times": {k: _summary(v) for k, v in times.items()},
+    name = f"train step {backbone}" + (" amp" if amp else "")
+    return {"case": name, "times": {k: _summary(v) for k, v in times.items()},
             "agreement": {"first_losses_identical": same}}
 
 
@@ -293,7 +319,9 @@ def _ratio(case: dict[str, Any]) -> float:
 
 
 def report(cases: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    lines = [f"R-CNN benchmark: {args.size}x{args.size}, {torch.get_num_threads()} threads, "
+    where = (torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    lines = [f"R-CNN benchmark: {args.size}x{args.size}, {where}, "
              f"eval batch 1 with {args.detections} detections, train batch 2 "
              f"(best of {args.repeats}; ratio = torchvision / pixelwise)", ""]
     lines.append(f"{'case':<26}{'torchvision s':>14}{'pixelwise s':>13}{'ratio':>8}{'goal':>7}"
@@ -335,18 +363,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dtypes", nargs="+", default=["float32", "bfloat16"],
                         choices=["float32", "bfloat16"],
                         help="pixelwise's eval cases with these head_dtype settings")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--amp", action="store_true",
+                        help="train steps under autocast (float16 on CUDA, bfloat16 on a CPU)")
     parser.add_argument("--json", action="store_true", help="print the results as json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     cases = []
     for kind in ("mask", "keypoint"):
         if f"eval-{kind}" in args.only:
             cases += [eval_case(kind, args.size, args.detections, args.repeats, dtype)
                       for dtype in args.head_dtypes]
     if "train" in args.only:
-        cases += [train_case(b, args.size, args.repeats) for b in args.train_backbones]
+        cases += [train_case(b, args.size, args.repeats, args.amp)
+                  for b in args.train_backbones]
     if args.json:
-        print(json.dumps({"threads": args.threads, "size": args.size, "cases": cases}, indent=2))
+        print(json.dumps({"threads": args.threads, "size": args.size, "device": str(DEVICE),
+                          "cases": cases}, indent=2))
     else:
         print(report(cases, args))
     return 0

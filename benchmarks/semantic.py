@@ -15,7 +15,10 @@ the U-Net paper, SMP's a 3x3 conv on 16 channels.) Batch 8, 256 x 256, 2 CPU thr
 
 Both models are timed in the same run, alternating, and the table reports medians and the ratio,
 so a machine shared with other jobs still gives a fair comparison.
-Run: `.venv/bin/python benchmarks/semantic.py [--compile]` (needs `pip install -e '.[bench]'`).
+Run: `.venv/bin/python benchmarks/semantic.py [--compile] [--device cuda] [--amp]` (needs
+`pip install -e '.[bench]'`). `--device cuda` times both on the GPU (each timed call ends with a
+synchronisation); `--amp` runs both models' inference and training step under autocast
+(float16 with loss scaling on CUDA, bfloat16 on a CPU).
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ from pixelwise.models.fold import optimize_for_inference
 DECODER_CHANNELS = (256, 128, 64, 32, 16)  # SMP's default
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: torch.device) -> float:
     t0 = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the GPU's queued work counts too
     return time.perf_counter() - t0
 
 
@@ -49,8 +54,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
     parser.add_argument("--compile", action="store_true", help="torch.compile the pixelwise model")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--amp", action="store_true",
+                        help="autocast: float16 on CUDA, bfloat16 on a CPU")
     parser.add_argument("--json", action="store_true", help="print the results as JSON only")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    half = torch.float16 if device.type == "cuda" else torch.bfloat16
     try:
         import segmentation_models_pytorch as smp
     except ImportError:
@@ -71,8 +81,10 @@ def main() -> int:
         upsample="nearest",
         decoder_channels=list(DECODER_CHANNELS),
     )
-    x = torch.rand(args.batch, 3, args.size, args.size)
-    target = torch.randint(0, args.classes, (args.batch, args.size, args.size))
+    ref.to(device)
+    ours.to(device)
+    x = torch.rand(args.batch, 3, args.size, args.size, device=device)
+    target = torch.randint(0, args.classes, (args.batch, args.size, args.size), device=device)
 
     # --- inference
     ref.eval()
@@ -81,24 +93,28 @@ def main() -> int:
     x_cl = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         max_diff = (fast(x_cl) - ours(x)).abs().max().item()  # the optimised copy computes the same
+    with torch.inference_mode(), torch.autocast(device.type, dtype=half, enabled=args.amp):
         ref(x)  # warm-up (and compilation)
         fast(x_cl)
         t_ref, t_ours = [], []
         for _ in range(args.rounds):
-            t_ref.append(_timed(lambda: ref(x)))
-            t_ours.append(_timed(lambda: fast(x_cl)))
+            t_ref.append(_timed(lambda: ref(x), device))
+            t_ours.append(_timed(lambda: fast(x_cl), device))
     inf_ref = args.batch / statistics.median(t_ref)
     inf_ours = args.batch / statistics.median(t_ours)
 
     # --- training step
     def step_fn(model: torch.nn.Module, inputs: torch.Tensor):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=args.amp and half == torch.float16)
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(inputs), target)
-            loss.backward()
-            opt.step()
+            with torch.autocast(device.type, dtype=half, enabled=args.amp):
+                loss = F.cross_entropy(model(inputs), target)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
 
         return step
 
@@ -109,8 +125,8 @@ def main() -> int:
     ours_step()  # warm-up
     s_ref, s_ours = [], []
     for _ in range(args.rounds):
-        s_ref.append(_timed(ref_step))
-        s_ours.append(_timed(ours_step))
+        s_ref.append(_timed(ref_step, device))
+        s_ours.append(_timed(ours_step, device))
     train_ref, train_ours = statistics.median(s_ref), statistics.median(s_ours)
 
     params_ref = sum(p.numel() for p in ref.parameters())
@@ -119,6 +135,8 @@ def main() -> int:
         "batch": args.batch,
         "size": args.size,
         "threads": torch.get_num_threads(),
+        "device": str(device),
+        "amp": args.amp,
         "compile": args.compile,
         "rounds": args.rounds,
         "parameters": {"smp": params_ref, "pixelwise": params_ours},
@@ -133,9 +151,12 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
     print(
-        f"U-Net, resnet18 encoder, batch {args.batch}, {args.size}x{args.size}, "
-        f"{torch.get_num_threads()} threads, medians of {args.rounds} alternating rounds (same run)"
+        f"U-Net, resnet18 encoder, batch {args.batch}, {args.size}x{args.size}, {where}"
+        f"{', autocast ' + str(half).removeprefix('torch.') if args.amp else ''}, "
+        f"medians of {args.rounds} alternating rounds (same run)"
     )
     print("| | SMP Unet | pixelwise unet | pixelwise / SMP |")
     print("|---|---|---|---|")

@@ -54,7 +54,7 @@ def fit(out: Path, minutes: float | None = None) -> tuple[nn.Module, SemanticTas
     """Two epochs, or `minutes` of wall time."""
     timing = {"warmup_steps": 1} if minutes is None else {"time_budget": minutes}
     cfg = TrainConfig(out=str(out), epochs=2, batch_size=4, lr=0.05, seed=3, progress=False,
-                      deterministic=True, **timing)
+                      deterministic=True, device="cpu", **timing)
     val = Toy(11, seed=2, augment=False)  # odd: uneven shards
     net, task = model(), SemanticTask(CLASSES, loss="ce")
     Trainer(cfg, net, task, Toy(16, seed=1), val).fit()
@@ -65,12 +65,35 @@ def _torchrun(out: Path, *args: str) -> list[dict[str, torch.Tensor]]:
     """Run `_worker` on 2 CPU processes; each rank's final parameters."""
     from safetensors.torch import load_file
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    path = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                __file__, str(out), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return [load_file(out / f"rank{r}.safetensors") for r in (0, 1)]
+
+
+def test_device_names_resolve_or_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` takes the process's local GPU where there is one; a process without a GPU of its
+    own (torchrun with more processes than GPUs) is told so in one line."""
+    from pixelwise.engine.distributed import resolve_device
+    from pixelwise.errors import UserError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", local_rank=1) == torch.device("cpu")
+    with pytest.raises(UserError, match="CUDA is not available here"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto", local_rank=0) == torch.device("cuda", 0)
+    with pytest.raises(UserError, match=r"cuda:1 asked for, but 1 GPU\(s\) are visible"):
+        resolve_device("auto", local_rank=1)
+    with pytest.raises(UserError, match="at most one process per GPU"):
+        resolve_device("cuda:3")
 
 
 def test_two_cpu_processes_match_one(tmp_path: Path) -> None:
@@ -139,7 +162,7 @@ def test_torchrun_runs_the_pixelwise_train_command(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "pixelwise", "train", "--model", "unet", "--width", "8", "--depth", "2",
                "--data", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "4",
-               "--no-progress", "--json"]
+               "--device", "cpu", "--no-progress", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

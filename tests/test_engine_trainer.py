@@ -94,8 +94,9 @@ class NanGradAfter(NanAfter):
 
 
 def config(out: Path, **changes) -> TrainConfig:
+    # on the CPU also where a GPU is present: the tests compare bit for bit and bfloat16 autocast
     base = dict(out=str(out), epochs=2, batch_size=4, lr=0.02, deterministic=True, progress=False,
-                seed=7, warmup_steps=2)
+                seed=7, warmup_steps=2, device="cpu")
     base.update(changes)
     return TrainConfig(**base)
 

@@ -68,3 +68,15 @@ def test_subpixel_fusion_equals_nearest_concat_conv(size: tuple[int, int]) -> No
 def test_fold_needs_eval_mode() -> None:
     with pytest.raises(ValueError, match="eval"):
         fold_batchnorm(build_model("flat_fcn", 2, depth=1, width=2).train())
+
+
+def test_subpixel_rewrite_keeps_the_models_dtype() -> None:
+    """The rewrite's new convs take the original weights' dtype and device (a float64 model here;
+    a model on a GPU likewise, tests/test_cuda.py)."""
+    model = build_model("unet", 3, width=8, depth=2, upsample="nearest").double().eval()
+    fast = optimize_for_inference(model, channels_last=False)
+    assert any(isinstance(m, NearestUpConcatConv) for m in fast.modules())
+    assert all(p.dtype == torch.float64 for p in fast.parameters())
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-9, atol=1e-9)

@@ -155,8 +155,9 @@ def test_predicted_files_give_the_same_pq_to_every_scorer(
         run: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gt_json = data / "annotations" / "panoptic_val.json"
     out = tmp_path / "pred"
+    # on the CPU also where a GPU is present: there batch sizes change the convolutions' numbers
     code, summary, _ = _predict(capsys, str(run), str(data / "images" / "val"), "--out",
-                                str(out), "--gt-json", str(gt_json))
+                                str(out), "--gt-json", str(gt_json), "--device", "cpu")
     assert code == 0 and summary["count"] == 2 and summary["panoptic_json"]
     naive = naive_pq(gt_json, data / "panoptic" / "val", out / "panoptic.json",
                      out / "panoptic")
@@ -164,7 +165,8 @@ def test_predicted_files_give_the_same_pq_to_every_scorer(
                  str(data / "panoptic" / "val"), "--pred-json", str(out / "panoptic.json"),
                  "--pred-dir", str(out / "panoptic"), "--json"]) == 0
     scored = json.loads(capsys.readouterr().out)
-    assert main(["eval", str(run), "--data", str(data), "--batch-size", "1", "--json"]) == 0
+    assert main(["eval", str(run), "--data", str(data), "--batch-size", "1", "--device", "cpu",
+                 "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     for result in (scored, evaluated):
         for group in ("all", "things", "stuff"):

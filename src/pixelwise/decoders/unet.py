@@ -133,11 +133,12 @@ class NearestUpConcatConv(nn.Module):
             for b in (0, 1)
         ]  # -> (O, C_up, 2, 2) each
         has_skip = w.shape[1] > up_channels
-        self.up_conv = nn.Conv2d(up_channels, 4 * out_c, 2, bias=not has_skip)
+        where = {"device": w.device, "dtype": w.dtype}  # the rewrite lives beside the original
+        self.up_conv = nn.Conv2d(up_channels, 4 * out_c, 2, bias=not has_skip, **where)
         self.up_conv.weight.data.copy_(torch.cat(phases))  # (4 O, C_up, 2, 2), phase-major
         self.skip_conv = None
         if has_skip:
-            self.skip_conv = nn.Conv2d(w.shape[1] - up_channels, out_c, 3, padding=1)
+            self.skip_conv = nn.Conv2d(w.shape[1] - up_channels, out_c, 3, padding=1, **where)
             self.skip_conv.weight.data.copy_(w[:, up_channels:])
             self.skip_conv.bias.data.copy_(conv.bias.detach())
         else:

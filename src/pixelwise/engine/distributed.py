@@ -51,6 +51,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise UserError(f"device {name!r} asked for, but CUDA is not available here")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"device {device} asked for, but {torch.cuda.device_count()} GPU(s) "
+                            "are visible: start at most one process per GPU (torchrun "
+                            "--nproc_per_node), or pass --device cpu")
     return device
 
 

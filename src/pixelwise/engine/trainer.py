@@ -163,7 +163,8 @@ class Trainer:
     # ---- public -------------------------------------------------------------------------------
 
     def fit(self, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-        """Train until `cfg.epochs` (or `cfg.max_steps`); returns a summary dict.
+        """Train until `cfg.epochs` (or `cfg.max_steps`); returns a summary dict. The model stays
+        on the training device (`cfg.device`; a GPU where `auto` finds one).
 
         Raises `NonFiniteLossError` if the loss becomes NaN/inf (the last checkpoint is kept).
         """

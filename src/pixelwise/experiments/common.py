@@ -83,7 +83,7 @@ class Variant:
 
 @dataclass
 class Trained:
-    """A trained model and what its training cost."""
+    """A trained model (on the CPU, in eval mode) and what its training cost."""
 
     model: nn.Module
     steps: int
@@ -208,7 +208,9 @@ def train_variant(
     )  # fmt: skip
     summary = Trainer(cfg, model, task, train_set, val_set).fit(overwrite=overwrite)
     logger.info("%s: %d steps in %.1f s", variant.name, summary["steps"], summary["seconds"])
-    return Trained(model=model.eval(), steps=int(summary["steps"]),
+    # the trainer leaves the model on its device (a GPU where present); the experiments evaluate
+    # and time it on the CPU
+    return Trained(model=model.cpu().eval(), steps=int(summary["steps"]),
                    seconds=float(summary["seconds"]), step_seconds=step_seconds, run=run,
                    summary=summary)
 
