@@ -721,3 +721,19 @@ def test_bad_head_dtype_settings() -> None:
         mask_rcnn(3, backbone="resnet18", head_dtype="float16")
     with pytest.raises(UserError, match="head_dtype bfloat16 .* fast"):
         keypoint_rcnn(2, backbone="resnet18", head_dtype="bfloat16", fast=False)
+
+
+@pytest.mark.parametrize(("fraction", "positives"), [(0.25, 8), (0.75, 24)])
+def test_box_positive_fraction_sets_how_many_positives_train_the_heads(
+        fraction: float, positives: int) -> None:
+    """Of box_batch_size_per_image (32) proposals sampled per image at most fraction x 32 are
+    positives: the box classifier's positives and the mask head's training RoIs."""
+    for build, extra in ((mask_rcnn, {}), (keypoint_rcnn, {"num_keypoints": 3})):
+        model = build(2, backbone="resnet18", box_batch_size_per_image=32,
+                      box_positive_fraction=fraction, **extra)
+        labels = torch.tensor([1] * 100 + [0] * 100)  # 100 positive, 100 background proposals
+        (pos,), (neg,) = model.roi_heads.fg_bg_sampler([labels])
+        assert int(pos.sum()) == positives and int(pos.sum() + neg.sum()) == 32
+    for bad in (0, 1.5, True):
+        with pytest.raises(UserError, match=r"box_positive_fraction must be in \(0, 1\]"):
+            mask_rcnn(2, backbone="resnet18", box_positive_fraction=bad)

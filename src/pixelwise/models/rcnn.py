@@ -467,7 +467,7 @@ def _common(
 RPN_BOX_OPTIONS = (
     "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
     "rpn_post_nms_top_n_test", "rpn_nms_thresh", "rpn_batch_size_per_image", "box_score_thresh",
-    "box_nms_thresh", "box_detections_per_img", "box_batch_size_per_image",
+    "box_nms_thresh", "box_detections_per_img", "box_batch_size_per_image", "box_positive_fraction",
 )
 
 
@@ -492,6 +492,12 @@ def _roi_levels(names: Sequence[str], levels: int | None, option: str) -> list[s
         raise UserError(f"{option} must be an integer from 1 to {len(names)} (the FPN's levels), "
                         f"got {levels!r}")
     return list(names[:levels])
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    """A one-line error unless 0 < value <= 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise UserError(f"{name} must be in (0, 1], got {value!r}")
 
 
 def _check_positive(**values: Any) -> None:
@@ -531,6 +537,7 @@ def mask_rcnn(
     box_nms_thresh: float = 0.5,
     box_detections_per_img: int = 100,
     box_batch_size_per_image: int = 512,
+    box_positive_fraction: float = 0.25,
     mask_threshold: float | None = 0.5,
     mask_class_agnostic: bool = False,
     aux_semantic: float = 0.0,
@@ -570,7 +577,9 @@ def mask_rcnn(
     anchor_sizes: one per FPN level (5). min_size None keeps images as they are; otherwise
     torchvision's resize (short side min_size, long side <= max_size). rpn_* / box_*:
     torchvision's settings (box_detections_per_img: raise it for crowded images, e.g. 300 for
-    cells). mask_threshold: threshold after pasting (None: probabilities).
+    cells; box_positive_fraction: the largest share of positives among the
+    box_batch_size_per_image proposals sampled per image, which are also the mask head's
+    training RoIs). mask_threshold: threshold after pasting (None: probabilities).
     mask_class_agnostic: one mask per RoI for every class instead of one per class
     (`MaskPredictor`'s class_agnostic). fast: the fast eval path of `fast_postprocess`.
     head_dtype: "bfloat16" runs the mask head and predictor in bfloat16 at eval on CPU (the
@@ -591,6 +600,7 @@ def mask_rcnn(
     _check_positive(num_classes=num_classes, box_detections_per_img=box_detections_per_img,
                     mask_roi_size=mask_roi_size, semantic_channels=semantic_channels,
                     mask_head_dilation=mask_head_dilation)
+    _check_fraction("box_positive_fraction", box_positive_fraction)
     if not (isinstance(aux_semantic, (int, float)) and aux_semantic >= 0):
         raise UserError(f"aux_semantic must be a weight >= 0, got {aux_semantic!r}")
     if not (isinstance(semantic_rescore, (int, float)) and 0 <= semantic_rescore <= 1):
@@ -681,6 +691,7 @@ def keypoint_rcnn(
     box_nms_thresh: float = 0.5,
     box_detections_per_img: int = 100,
     box_batch_size_per_image: int = 512,
+    box_positive_fraction: float = 0.25,
     fast: bool = True,
     head_dtype: str = "float32",
 ) -> KeypointRCNN:
@@ -696,6 +707,7 @@ def keypoint_rcnn(
     """
     settings = dict(locals())  # the RPN / box options are passed on as they are (RPN_BOX_OPTIONS)
     _check_positive(num_classes=num_classes, box_detections_per_img=box_detections_per_img)
+    _check_fraction("box_positive_fraction", box_positive_fraction)
     schema = _resolve_schema(num_keypoints, schema)
     body, kwargs = _common(num_classes, backbone, weights, trainable_layers, in_channels,
                            anchor_sizes, aspect_ratios, image_mean, image_std, fpn_channels)
