@@ -94,8 +94,7 @@ def main() -> int:
     with torch.inference_mode():
         max_diff = (fast(x_cl) - ours(x)).abs().max().item()  # the optimised copy computes the same
     with torch.inference_mode(), torch.autocast(device.type, dtype=half, enabled=args.amp):
-        ref(x)  # warm-up (and compilation)
-        fast(x_cl)
+        _timed(lambda: (ref(x), fast(x_cl)), device)  # warm-up (and compilation), synchronised
         t_ref, t_ours = [], []
         for _ in range(args.rounds):
             t_ref.append(_timed(lambda: ref(x), device))
@@ -121,8 +120,7 @@ def main() -> int:
     ref.train()
     ours.train()
     ref_step, ours_step = step_fn(ref, x), step_fn(ours, x)
-    ref_step()
-    ours_step()  # warm-up
+    _timed(lambda: (ref_step(), ours_step()), device)  # warm-up, synchronised
     s_ref, s_ours = [], []
     for _ in range(args.rounds):
         s_ref.append(_timed(ref_step, device))
