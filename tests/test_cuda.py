@@ -110,7 +110,10 @@ def test_an_experiment_trains_on_the_gpu_and_scores_on_the_cpu(
 
 
 def _twin_models(size: int, head_dtype: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """pixelwise's Mask R-CNN and torchvision's of the same build and weights, on the GPU (the
+    pair of `test_models_rcnn.test_mask_rcnn_eval_equals_torchvision`)."""
     from test_models_rcnn import _rcnn_kwargs, _torchvision_twin
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
     from pixelwise.models.rcnn import mask_rcnn
 
@@ -118,8 +121,6 @@ def _twin_models(size: int, head_dtype: str) -> tuple[torch.nn.Module, torch.nn.
     ours = mask_rcnn(5, backbone="resnet18", mask_head_layers=(32, 32), mask_threshold=None,
                      rpn_post_nms_top_n_test=300, head_dtype=head_dtype,
                      **_rcnn_kwargs(size)).eval()
-    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-
     ref = _torchvision_twin(ours, "mask", **_rcnn_kwargs(size), rpn_post_nms_top_n_test=300,
                             mask_head=MaskRCNNHeads(256, (32, 32), 1),
                             mask_predictor=MaskRCNNPredictor(32, 32, 5))
