@@ -157,6 +157,26 @@ def test_keypoints_stay_on_their_masks(transform):
     assert visible > 8
 
 
+@pytest.mark.parametrize("transform", [RandomScale((1.6, 2.2)), RandomScale((0.6, 0.8)),
+                                       Resize([31, 47])], ids=["scale_up", "scale_down", "resize"])
+def test_masks_are_resized_nearest_exact(transform):
+    """Instance (N, H, W) and semantic (H, W) masks are resized by nearest-exact, as torch's
+    interpolate does it (torchvision's own mask kernel used plain nearest before 0.29, half an
+    output pixel off the image)."""
+    image, target = _discs(0)
+    torch.manual_seed(1)
+    out_image, out = JointTransform([transform])(image, target)
+    size = tuple(out_image.shape[-2:])
+    expected = torch.nn.functional.interpolate(target["masks"][None].float(), size=size,
+                                               mode="nearest-exact")[0].to(torch.uint8)
+    assert torch.equal(out["masks"].as_subclass(torch.Tensor), expected)
+    semantic = tv_tensors.Mask(target["masks"].amax(0))  # (H, W)
+    torch.manual_seed(1)
+    _, resized = transform(image, semantic)
+    assert resized.shape == size and isinstance(resized, tv_tensors.Mask)
+    assert torch.equal(resized.as_subclass(torch.Tensor), expected.amax(0))
+
+
 def test_keypoints_move_exactly_under_integer_scale_and_crop():
     image, target = _sample()
     # x2: pixel (x, y) becomes the 2x2 block at (2x, 2y)..(2x+1, 2y+1), centre 2x + 0.5

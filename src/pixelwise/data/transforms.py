@@ -261,8 +261,10 @@ class RandomScale(v2.Transform):
         return {"size": [max(1, round(height * s)), max(1, round(width * s))]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            return _resize_mask(inpt, params["size"])
         return self._call_kernel(F.resize, inpt, params["size"],
-                                 interpolation=_interpolation_for(inpt), antialias=True)
+                                 interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
 
 
 class ClassBalancedCrop(v2.RandomCrop):
@@ -317,20 +319,28 @@ class Resize(v2.Resize):
     """`v2.Resize` with masks resized by ``nearest-exact`` (aligned with the image)."""
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            return _resize_mask(inpt, self.size, max_size=self.max_size)
         return self._call_kernel(F.resize, inpt, self.size, max_size=self.max_size,
-                                 interpolation=_interpolation_for(inpt, self.interpolation),
-                                 antialias=self.antialias)
+                                 interpolation=self.interpolation, antialias=self.antialias)
 
 
 # transforms that move or resample pixels but never fill any (no padding, no warp corners)
 FILL_FREE = (HorizontalFlip, Resize)
 
 
-def _interpolation_for(inpt: Any, default: v2.InterpolationMode = v2.InterpolationMode.BILINEAR
-                       ) -> v2.InterpolationMode:
-    if isinstance(inpt, tv_tensors.Mask):
-        return v2.InterpolationMode.NEAREST_EXACT
-    return default
+def _resize_mask(mask: tv_tensors.Mask, size: list[int] | int | None, *,
+                 max_size: int | None = None) -> tv_tensors.Mask:
+    """A (H, W) or (..., H, W) mask resized by ``nearest-exact`` (pixel centres map to pixel
+    centres, so the mask stays aligned with the bilinear image and its boxes). torchvision's
+    mask kernel honours that mode only since 0.29 (before, it resized masks by ``nearest``,
+    which shifts them by up to half an output pixel); its image kernel honours it in every
+    version, so masks go through that one."""
+    plain = mask.as_subclass(torch.Tensor)
+    flat = plain.unsqueeze(0) if plain.ndim == 2 else plain  # (H, W) -> (1, H, W)
+    out = F.resize_image(flat, size, interpolation=v2.InterpolationMode.NEAREST_EXACT,
+                         max_size=max_size, antialias=False)
+    return tv_tensors.wrap(out[0] if plain.ndim == 2 else out, like=mask)
 
 
 # ----------------------------------------------------------------------------- presets
