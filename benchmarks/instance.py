@@ -28,7 +28,8 @@ Goals (issue 5): eval ratio torchvision / pixelwise >= 2, train ratio >= 1 (no s
 
 `--device cuda` runs both models on the GPU (every timed run and stage ends with a
 synchronisation); `--amp` trains under autocast (float16 with loss scaling on CUDA, bfloat16 on
-a CPU), as `pixelwise train --amp` does.
+a CPU), as `pixelwise train --amp` does. The times keep PyTorch's defaults (cuDNN convolutions
+in TF32 for float32); the agreement is given with them and again with TF32 off.
 """
 
 from __future__ import annotations
@@ -217,6 +218,17 @@ def agreement(ref: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> di
 # ----------------------------------------------------------------------------- cases
 
 
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    """float32 convolutions and matmuls on the GPU in full precision while inside."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _same_weights(ref: torch.nn.Module, ours: torch.nn.Module) -> None:
     ours.load_state_dict(torchvision_key_map(ref.state_dict(), ours))
 
@@ -241,6 +253,9 @@ def eval_case(kind: str, size: int, detections: int, repeats: int,
     with torch.inference_mode():
         ours.transform.mask_threshold = None  # probabilities for the comparison
         check = agreement(ref(images)[0], ours(images)[0])
+        if DEVICE.type == "cuda":  # cuDNN's TF32 convolutions (on by default) in both models
+            with _no_tf32():
+                check["without TF32"] = agreement(ref(images)[0], ours(images)[0])
         ours.transform.mask_threshold = 0.5
 
         def run(model: torch.nn.Module) -> Callable[[], Any]:
@@ -318,6 +333,11 @@ def _ratio(case: dict[str, Any]) -> float:
     return t["torchvision"]["best"] / t["pixelwise"]["best"]
 
 
+def _pairs(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in values.items())
+
+
 def report(cases: list[dict[str, Any]], args: argparse.Namespace) -> str:
     where = (torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda"
              else f"{torch.get_num_threads()} threads")
@@ -335,9 +355,11 @@ def report(cases: list[dict[str, Any]], args: argparse.Namespace) -> str:
                      f"{t['pixelwise']['best']:>13.3f}{ratio:>7.2f}x{'>=' + str(goal):>7}"
                      f"{cpu_ratio:>12.2f}x{'' if ratio >= goal else '  (below goal)'}")
     for case in cases:
-        lines += ["", f"{case['case']}: " + ", ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-            for k, v in case["agreement"].items())]
+        agree = dict(case["agreement"])
+        exact = agree.pop("without TF32", None)
+        lines += ["", f"{case['case']}: {_pairs(agree)}"]
+        if exact is not None:
+            lines.append(f"  without TF32: {_pairs(exact)}")
         if "stages" in case:
             ref, ours = case["stages"]["torchvision"], case["stages"]["pixelwise"]
             lines.append(f"  where the time goes (one run each, s): {'torchvision':>12}"

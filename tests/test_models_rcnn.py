@@ -194,7 +194,14 @@ def test_paste_masks_equals_torchvision() -> None:
     assert fp.paste_masks(probs[:0], boxes[:0], (h, w)).shape == (0, 1, h, w)
 
 
-def test_heatmaps_to_keypoints_equals_torchvision() -> None:
+@pytest.mark.parametrize("chunking", ["cpu", "gpu", "gpu-small"])
+def test_heatmaps_to_keypoints_equals_torchvision(chunking: str, monkeypatch) -> None:
+    """Also with the GPU's chunking (one padded batch; "gpu-small": budgets that split it)."""
+    if chunking != "cpu":
+        chunks = fp._keypoint_chunks
+        monkeypatch.setattr(fp, "_keypoint_chunks", lambda *a, **kw: chunks(*a, cpu=False))
+    if chunking == "gpu-small":
+        monkeypatch.setattr(fp, "GPU_CHUNK_ELEMENTS", 5 * 3 * 120 * 120)
     gen = torch.Generator().manual_seed(2)
     rois = _random_boxes(30, 120.0, gen)
     rois[:3, 2:] = rois[:3, :2] + 0.2  # degenerate RoIs are clamped to 1 pixel
@@ -205,6 +212,9 @@ def test_heatmaps_to_keypoints_equals_torchvision() -> None:
     xy, scores = fp.heatmaps_to_keypoints(maps, rois)
     assert torch.equal(xy, ref_xy)
     torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-4)
+    if chunking != "cpu":
+        sizes = [len(c) for c in fp._keypoint_chunks([120] * 30, [120] * 30, 5)]
+        assert sizes == ([30] if chunking == "gpu" else [3] * 10)
 
 
 def test_postprocessing_is_float32_under_autocast() -> None:
@@ -236,7 +246,9 @@ def test_fast_heads_equal_the_modules() -> None:
     labels = torch.tensor([1, 2, 3, 0, 2, 1])
     for predictor in (MaskRCNNPredictor(16, 16, 4), MaskPredictor(16, 4),
                       MaskPredictor(16, 4, "bilinear"), MaskPredictor(16, 4, class_agnostic=True),
-                      MaskPredictor(16, 4, "bilinear", class_agnostic=True)):
+                      MaskPredictor(16, 4, "bilinear", class_agnostic=True),
+                      MaskPredictor(16, 4, fc_fusion_size=14),
+                      MaskPredictor(16, 4, "bilinear", fc_fusion_size=14)):
         torch.testing.assert_close(fp.selected_mask_logits(predictor, x, labels),
                                    predictor(x)[torch.arange(6), labels], rtol=1e-4, atol=1e-4)
     for kp in (KeypointRCNNPredictor(16, 3), KeypointPredictor(16, 3, "pixel_shuffle")):
@@ -590,6 +602,45 @@ def test_mask_head_dilation_widens_what_a_mask_pixel_sees() -> None:
     assert reach == {1: (4, 4), 2: (8, 8)}
     with pytest.raises(UserError, match="mask_head_dilation must be a positive integer, got 0"):
         mask_rcnn(3, **LIGHT, mask_head_dilation=0)
+
+
+def test_mask_fc_fusion_adds_one_map_that_sees_the_whole_roi(instance_batch) -> None:
+    """PANet's fc fusion: the predictor's logits are the conv path's plus one class-agnostic map
+    (the same for every class), a corner mask pixel depends on the far corner of the RoI, and
+    the model trains (finite mask loss, gradient to the fc) and its fast eval path gives what
+    torchvision's plain one does with the same weights."""
+    torch.manual_seed(0)
+    predictor = MaskPredictor(8, 4, fc_fusion_size=14)
+    x = torch.randn(2, 8, 14, 14, requires_grad=True)
+    out = predictor(x)
+    conv_only = predictor.mask_fcn_logits(predictor.features(x))  # (2, 4, 28, 28)
+    extra = out - conv_only
+    for k in range(1, 4):
+        torch.testing.assert_close(extra[:, k], extra[:, 0])
+    torch.testing.assert_close(extra[:, 0], predictor.fused(x))
+    out[0, :, 0, 0].sum().backward()
+    assert x.grad[0, :, 13, 13].abs().sum() > 0  # the far corner reaches the corner pixel
+    with pytest.raises(UserError, match="fc fusion was built for 14 x 14 RoIs, got 7 x 7"):
+        predictor(torch.randn(1, 8, 7, 7))
+    with pytest.raises(UserError, match="fc_fusion_size must be a positive integer, got 0"):
+        MaskPredictor(8, 4, fc_fusion_size=0)
+
+    ds, images, targets = instance_batch
+    model = mask_rcnn(ds.categories.num_classes, **LIGHT, mask_fc_fusion=True).train()
+    losses = model(images, targets)
+    assert torch.isfinite(losses["loss_mask"])
+    losses["loss_mask"].backward()
+    assert model.roi_heads.mask_predictor.fc_fusion.fc.weight.grad.abs().sum() > 0
+    options = dict(LIGHT, mask_fc_fusion=True, mask_threshold=None, rpn_post_nms_top_n_test=100)
+    fast = mask_rcnn(ds.categories.num_classes, fast=True, **options).eval()
+    plain = mask_rcnn(ds.categories.num_classes, fast=False, **options).eval()
+    plain.load_state_dict(fast.state_dict())
+    with torch.inference_mode():
+        (got,), (expected,) = fast(images[:1]), plain(images[:1])
+    assert len(got["boxes"]) > 0
+    for key in ("boxes", "labels", "scores"):
+        assert torch.equal(got[key], expected[key]), key
+    torch.testing.assert_close(got["masks"], expected["masks"], rtol=0, atol=1e-4)
 
 
 def test_mask_roi_levels_pools_every_mask_roi_from_the_finest_levels(instance_batch) -> None:

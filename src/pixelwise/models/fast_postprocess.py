@@ -79,6 +79,8 @@ logger = logging.getLogger(__name__)
 
 # float32 elements one chunk of pasted masks / upsampled heatmaps may hold (64 MB)
 CHUNK_ELEMENTS = 1 << 24
+# off the CPU: padded keypoint heatmaps of up to 2**27 floats (512 MB) resized in one batch
+GPU_CHUNK_ELEMENTS = 1 << 27
 # RoIs per chunk of the fused mask predictor (16 x 784 x 256 floats: 13 MB)
 MASK_CHUNK = 16
 # RoIs per tiled map of `run_conv_stack` at most (256 RoIs of 14 x 14 at 512 channels: 120 MB)
@@ -300,7 +302,8 @@ def selected_mask_logits(predictor: nn.Module, x: torch.Tensor, labels: torch.Te
         logits = logits.reshape(r, 2 * h, 2 * w)  # (R, h, 2, w, 2) -> (R, 2h, 2w)
         if last.bias is not None:
             logits = logits + last.bias[labels].view(r, 1, 1)
-        return logits
+        fused = predictor.fused(x) if hasattr(predictor, "fused") else None
+        return logits if fused is None else logits + fused
     if hasattr(predictor, "forward_selected"):
         return predictor.forward_selected(x, labels)
     return predictor(x)[torch.arange(r, device=labels.device), labels]  # (R, 2h, 2w)
@@ -436,10 +439,14 @@ def _cubic_weights(length: torch.Tensor, size: int, src: int) -> torch.Tensor:
     return weights.scatter_add_(2, taps, coeffs * inside)  # (N, size, src)
 
 
-def _keypoint_chunks(hc: list[int], wc: list[int], k: int) -> list[list[int]]:
+def _keypoint_chunks(hc: list[int], wc: list[int], k: int, *, cpu: bool = True
+                     ) -> list[list[int]]:
     """Group RoIs (heatmap sizes hc x wc) into chunks whose padded (n, K, Hmax, Wmax) maps stay
     under CHUNK_ELEMENTS and waste at most half their area on padding (sorted by height, then
-    width, so that neighbours have similar shapes)."""
+    width, so that neighbours have similar shapes). Off the CPU (cpu False) the chunks are as
+    large as GPU_CHUNK_ELEMENTS allows, padding regardless: a GPU is fastest with one batch,
+    and each chunk costs a synchronisation."""
+    budget = CHUNK_ELEMENTS if cpu else GPU_CHUNK_ELEMENTS
     order = sorted(range(len(hc)), key=lambda i: (hc[i], wc[i]))
     chunks: list[list[int]] = []
     current: list[int] = []
@@ -447,7 +454,8 @@ def _keypoint_chunks(hc: list[int], wc: list[int], k: int) -> list[list[int]]:
     for i in order:
         h2, w2, a2 = max(hmax, hc[i]), max(wmax, wc[i]), area + hc[i] * wc[i]
         padded = (len(current) + 1) * h2 * w2
-        if current and (padded * k > CHUNK_ELEMENTS or padded > 1.5 * a2 + 4096):
+        wasteful = cpu and padded > 1.5 * a2 + 4096
+        if current and (padded * k > budget or wasteful):
             chunks.append(current)
             current, h2, w2, a2 = [], hc[i], wc[i], hc[i] * wc[i]
         current.append(i)
@@ -479,7 +487,8 @@ def _heatmaps_to_keypoints(maps: torch.Tensor, rois: torch.Tensor
     heights = (rois[:, 3] - rois[:, 1]).clamp(min=1)
     wc = widths.ceil().to(torch.int64)
     hc = heights.ceil().to(torch.int64)
-    for chunk in _keypoint_chunks(hc.tolist(), wc.tolist(), k):
+    for chunk in _keypoint_chunks(hc.tolist(), wc.tolist(), k,
+                                  cpu=maps.device.type == "cpu"):
         idx = torch.tensor(chunk, device=maps.device)
         c = len(chunk)
         hmax, wmax = int(hc[idx].max()), int(wc[idx].max())

@@ -517,6 +517,7 @@ def mask_rcnn(
     upsample: UpsampleArg = "transposed",
     mask_head_layers: Sequence[int] = (256, 256, 256, 256),
     mask_head_dilation: int = 1,
+    mask_fc_fusion: bool = False,
     mask_roi_size: int = 14,
     mask_roi_levels: int | None = None,
     head_norm: str | None = None,
@@ -562,6 +563,8 @@ def mask_rcnn(
     mask_head_dilation: their dilation (torchvision's MaskRCNNHeads; 1 as the paper: four
     convs see 9 x 9 of the 14 x 14 RoI; 2: 17 x 17, the whole RoI, at the same cost, so that a
     mask can tell the object its box is centred on from another one overlapping it).
+    mask_fc_fusion: add PANet's fully-connected fusion to the mask predictor (an fc over the
+    whole RoI adds a class-agnostic mask; `MaskPredictor`'s fc_fusion_size).
     mask_roi_size: the mask branch's RoIAlign output side; masks are predicted (and trained) at
     twice it (14: the paper's 28 x 28; 28 gives 56 x 56 masks, 4x the mask head's cost, for
     thin parts such as limbs).
@@ -627,7 +630,8 @@ def mask_rcnn(
         mask_head=MaskRCNNHeads(body.out_channels, layers, mask_head_dilation,
                                 norm_layer=norm_layer(head_norm)),
         mask_predictor=MaskPredictor(layers[-1], num_classes, upsample,
-                                     class_agnostic=mask_class_agnostic),
+                                     class_agnostic=mask_class_agnostic,
+                                     fc_fusion_size=mask_roi_size if mask_fc_fusion else None),
         semantic_head=None if aux_semantic == 0 else SemanticFPNHead(
             num_classes, body.out_channels, body.strides[: len(body.featmap_names)],
             list(body.featmap_names), channels=semantic_channels),

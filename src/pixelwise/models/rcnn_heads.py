@@ -8,7 +8,8 @@ heatmap logits (R, K, 56, 56); the upsampling inside is `pixelwise.upsample.make
 * `MaskPredictor`: upsampler (x2, C channels) -> ReLU -> 1x1 conv to num_classes. Default
   ``"transposed"`` with a 2x2 kernel, stride 2, bias, He init: the paper's deconvolution and
   exactly torchvision's `MaskRCNNPredictor` (``conv5_mask``); e.g. ``"bilinear"`` (no weights)
-  or ``"resize_conv"`` (Odena et al.) instead.
+  or ``"resize_conv"`` (Odena et al.) instead. Optionally with PANet's fully-connected fusion
+  (Liu et al. 2018, sec. 3.4): an fc layer over the whole RoI adds one class-agnostic mask.
 * `KeypointPredictor`: a x2 step to K channels, then bilinear x2 (the paper: "a deconv and 2x
   bilinear upsampling" to 56x56). Default ``"transposed"``: torchvision's `KeypointRCNNPredictor`
   (``kps_score_lowres``, a 4x4 stride-2 transposed conv from C straight to K channels). Any
@@ -65,10 +66,17 @@ class MaskPredictor(nn.Module):
     init. class_agnostic: one mask map for every class (detectron2's CLS_AGNOSTIC_MASK): the
     1x1 conv has one output, shown to torchvision's loss and inference as `num_classes`
     identical maps (a view), so a box misnamed by the box head still gets the object's shape.
+    fc_fusion_size: PANet's fully-connected fusion for RoIs of that side (None: off): a 3x3
+    conv to C/2 channels and one fc layer map the whole (R, C, s, s) RoI to a class-agnostic
+    (R, 2s, 2s) mask added to every class's logits. A conv pixel sees 9 x 9 of the 14 x 14 RoI
+    through the four head convs; the fc sees all of it, so that it can tell the object the box
+    is centred on from another one overlapping it (PANet: conv3 -> two convs -> fc; here the
+    head's output -> one conv -> fc, the same depth).
     """
 
     def __init__(self, in_channels: int, num_classes: int, upsample: UpsampleArg = "transposed",
-                 class_agnostic: bool = False, **upsample_options: Any) -> None:
+                 class_agnostic: bool = False, fc_fusion_size: int | None = None,
+                 **upsample_options: Any) -> None:
         super().__init__()
         _check_upsample(upsample)
         if upsample == "transposed":
@@ -82,6 +90,12 @@ class MaskPredictor(nn.Module):
         nn.init.kaiming_normal_(self.mask_fcn_logits.weight, mode="fan_out", nonlinearity="relu")
         # torchvision leaves this bias at PyTorch's default init; so do we (state dicts match)
         self.num_classes = num_classes
+        self.fc_fusion = None if fc_fusion_size is None else _FcFusion(in_channels,
+                                                                       fc_fusion_size)
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fc fusion's class-agnostic logits (R, 2h, 2w) of x (R, C, h, w); None if off."""
+        return None if self.fc_fusion is None else self.fc_fusion(x)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C, h, w) -> the upsampled, rectified features (R, C, 2h, 2w)."""
@@ -92,6 +106,9 @@ class MaskPredictor(nn.Module):
         logits = self.mask_fcn_logits(self.features(x))
         if self.class_agnostic:  # (R, 1, 2h, 2w) -> (R, num_classes, 2h, 2w), one map viewed
             logits = logits.expand(-1, self.num_classes, -1, -1)
+        fused = self.fused(x)
+        if fused is not None:
+            logits = logits + fused.unsqueeze(1)  # (R, 2h, 2w) -> (R, 1, 2h, 2w), to each class
         return logits
 
     def forward_selected(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -108,7 +125,31 @@ class MaskPredictor(nn.Module):
         logits = logits.reshape(r, h, w)  # (R, 1, H*W) -> (R, H, W)
         if self.mask_fcn_logits.bias is not None:
             logits = logits + self.mask_fcn_logits.bias[labels].view(r, 1, 1)
-        return logits
+        fused = self.fused(x)
+        return logits if fused is None else logits + fused
+
+
+class _FcFusion(nn.Module):
+    """PANet's fully-connected mask branch: (R, C, s, s) -> 3x3 conv to C/2 -> ReLU -> fc ->
+    (R, 2s, 2s) class-agnostic logits (see `MaskPredictor`)."""
+
+    def __init__(self, in_channels: int, size: int) -> None:
+        super().__init__()
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise UserError(f"fc_fusion_size must be a positive integer, got {size!r}")
+        mid = max(1, in_channels // 2)
+        self.size = size
+        self.conv = nn.Conv2d(in_channels, mid, 3, padding=1)
+        _he_init(self.conv)
+        self.fc = nn.Linear(mid * size * size, 4 * size * size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, _, h, w = x.shape
+        if (h, w) != (self.size, self.size):
+            raise UserError(f"the fc fusion was built for {self.size} x {self.size} RoIs, "
+                            f"got {h} x {w}")
+        y = F.relu(self.conv(x)).flatten(1)  # (R, C/2, s, s) -> (R, C/2*s*s)
+        return self.fc(y).view(r, 2 * h, 2 * w)  # (R, 4*s*s) -> (R, 2s, 2s)
 
 
 class KeypointPredictor(nn.Module):
