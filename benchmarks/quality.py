@@ -167,7 +167,8 @@ RECIPES: dict[str, Recipe] = {
         # 0.808 / 0.587 (mean 0.802 / 0.584; each seed +0.02-0.03 AP50 over the runs above).
         # Tried, not kept: box_positive_fraction 0.75 0.793 / 0.576 (seed 0, 2138 steps);
         # mask_roi_size 28 (56 x 56 masks) 0.596 / 0.400 (1305 steps: the step ~1.6x slower)
-        # Nineteenth session, on a machine ~1.5x slower (compared by steps, `--epochs 4`: 2000
+        # Nineteenth session, on a slower machine (the step in a bare loop 0.64-0.81 s against
+        # 0.42 s in the seventeenth session's profile; compared by steps, `--epochs 4`: 2000
         # steps, seed 0): the recipe 0.757 / 0.540 (persons' mask AP50 0.749); not kept, within
         # ~0.01 of it: mask_fc_fusion (PANet's fc over the whole RoI) 0.754 / 0.549 (persons
         # 0.759); mask_head_layers [128] x 4 0.763 / 0.557 (persons 0.754): neither a global

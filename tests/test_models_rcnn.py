@@ -212,9 +212,13 @@ def test_heatmaps_to_keypoints_equals_torchvision(chunking: str, monkeypatch) ->
     xy, scores = fp.heatmaps_to_keypoints(maps, rois)
     assert torch.equal(xy, ref_xy)
     torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-4)
-    if chunking != "cpu":
-        sizes = [len(c) for c in fp._keypoint_chunks([120] * 30, [120] * 30, 5)]
-        assert sizes == ([30] if chunking == "gpu" else [3] * 10)
+    if chunking == "gpu":  # these RoIs: several chunks on the CPU, one batch on the GPU
+        hc = (rois[:, 3] - rois[:, 1]).clamp(min=1).ceil().long().tolist()
+        wc = (rois[:, 2] - rois[:, 0]).clamp(min=1).ceil().long().tolist()
+        assert len(chunks(hc, wc, 5)) > 1
+        assert [len(c) for c in fp._keypoint_chunks(hc, wc, 5)] == [30]
+    if chunking == "gpu-small":
+        assert [len(c) for c in fp._keypoint_chunks([120] * 30, [120] * 30, 5)] == [3] * 10
 
 
 def test_postprocessing_is_float32_under_autocast() -> None:

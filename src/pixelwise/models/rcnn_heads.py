@@ -47,6 +47,11 @@ def _check_upsample(upsample: UpsampleArg) -> None:
                         f"does not have; choose another (e.g. transposed, bilinear, resize_conv)")
 
 
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _he_init(module: nn.Module) -> None:
     """torchvision's head init: He normal (fan_out, ReLU) weights, zero biases."""
     for m in module.modules():
@@ -135,8 +140,7 @@ class _FcFusion(nn.Module):
 
     def __init__(self, in_channels: int, size: int) -> None:
         super().__init__()
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise UserError(f"fc_fusion_size must be a positive integer, got {size!r}")
+        _check_positive_int("fc_fusion_size", size)
         mid = max(1, in_channels // 2)
         self.size = size
         self.conv = nn.Conv2d(in_channels, mid, 3, padding=1)
@@ -165,9 +169,7 @@ class KeypointPredictor(nn.Module):
                  upsample: UpsampleArg = "transposed", **upsample_options: Any) -> None:
         super().__init__()
         _check_upsample(upsample)
-        if isinstance(num_keypoints, bool) or not isinstance(num_keypoints, int) \
-                or num_keypoints < 1:
-            raise UserError(f"num_keypoints must be a positive integer, got {num_keypoints!r}")
+        _check_positive_int("num_keypoints", num_keypoints)
         self.num_keypoints = num_keypoints
         self.up_scale = 2
         if upsample == "transposed":
