@@ -284,8 +284,8 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
                seed: int, amp: bool = False, options: dict[str, Any] | None = None,
                train_options: dict[str, Any] | None = None,
                synth_options: dict[str, Any] | None = None,
-               tag: str = "", tta: bool = True, train_seed: int | None = None
-               ) -> dict[str, Any]:
+               tag: str = "", tta: bool = True, train_seed: int | None = None,
+               validations: int | None = None) -> dict[str, Any]:
     from pixelwise.cli.eval import evaluate_run
     from pixelwise.engine.config import TrainConfig
     from pixelwise.engine.trainer import train
@@ -296,7 +296,7 @@ def run_recipe(name: str, *, root: Path, minutes: float | None, size: int,
     recipe = Recipe(recipe.task, recipe.model, recipe.minutes, recipe.goals,
                     _merged(recipe.synth, synth_options), _merged(recipe.options, options),
                     _merged(recipe.train, train_options), recipe.tta if tta else {},
-                    recipe.validations)
+                    validations or recipe.validations)
     budget = 60.0 * (minutes if minutes is not None else recipe.minutes)
     data = _data(recipe, root, size, seed)
     task = TASKS[recipe.task].from_data(data)
@@ -414,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a synthesis setting of the recipe's data, e.g. num=2500 "
                              "(another data folder; the goals are for the recipe's own data)")
     parser.add_argument("--tag", default="", help="suffix of the output folder (trials)")
+    parser.add_argument("--validations", type=int, metavar="N",
+                        help="validations spaced over the run, the final one included "
+                             "(default: the recipe's); each is in metrics.jsonl: a learning "
+                             "curve of one run")
     parser.add_argument("--no-tta", dest="tta", action="store_false",
                         help="evaluate in one pass even where the recipe has test-time "
                              "augmentation")
@@ -443,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                                 epochs=args.epochs,
                                 seed=args.seed, amp=amp, options=options,
                                 train_options=train_options, synth_options=synth_options,
-                                tag=tag, tta=args.tta,
+                                tag=tag, tta=args.tta, validations=args.validations,
                                 train_seed=args.seed + repeat if args.repeats > 1 else None)
             records.append(record)
             write_json(args.out / (name + tag) / "quality.json", record)

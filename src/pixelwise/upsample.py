@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelwise.errors import UserError, unknown_name
+from pixelwise.errors import UserError, check_positive_int, unknown_name
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,7 @@ def _check_scale(scale: object, op: str, *, integer: bool) -> int | float:
 
 
 def _check_channels(channels: object, op: str) -> int:
-    if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1:
-        raise UserError(f"{op}: channels must be a positive integer, got {channels!r}")
-    return int(channels)
+    return check_positive_int(f"{op}: channels", channels, numpy_ok=True)
 
 
 def _is_int(value: object) -> bool:

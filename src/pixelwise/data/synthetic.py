@@ -31,7 +31,7 @@ from pixelwise import __version__
 from pixelwise.data.synth_scene import SCENE_CATEGORIES, Category, Scene, SceneConfig, draw_scene
 from pixelwise.data.synth_shapes import COCO_KEYPOINT_NAMES, COCO_SKELETON
 from pixelwise.data.synth_writers import TASK_WRITERS, save_image
-from pixelwise.errors import UserError, unknown_name
+from pixelwise.errors import UserError, check_positive_int, unknown_name
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +207,7 @@ def _check(
         raise unknown_name("task", task, TASK_WRITERS)
     if image_format not in IMAGE_FORMATS:
         raise unknown_name("image format", image_format, IMAGE_FORMATS)
-    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
-        raise UserError(f"num must be a positive integer, got {num!r}")
+    num = check_positive_int("num", num, numpy_ok=True)
     if isinstance(size, (int, np.integer)):
         size = (int(size), int(size))
     size = tuple(int(s) for s in size)

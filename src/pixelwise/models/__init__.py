@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from pixelwise.errors import UserError, unknown_name
+from pixelwise.errors import UserError, check_positive_int, unknown_name
 from pixelwise.models.base import EncoderDecoder, SegmentationModel
 from pixelwise.models.fcn import FCN, fcn8s, fcn16s, fcn32s
 from pixelwise.models.flat_fcn import FlatFCN
@@ -93,8 +93,7 @@ def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
     `build_model(**model.config)` rebuilds it (without `weights`: a checkpoint carries them)."""
     if not isinstance(name, str) or name not in MODELS:
         raise unknown_name("model", name, MODELS)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
+    check_positive_int("num_classes", num_classes)
     valid = model_options(name)
     for key in options:
         if key not in valid:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pixelwise.encoders import ENCODERS, Encoder, encoders_recording_indices, make_encoder
-from pixelwise.errors import UserError, unknown_name
+from pixelwise.errors import UserError, check_positive_int, unknown_name
 
 
 def build_encoder(
@@ -25,8 +25,7 @@ def build_encoder(
     """Build `encoder` for `model`; options that do not apply to it are a UserError."""
     if not isinstance(encoder, str) or encoder not in ENCODERS:
         raise unknown_name("encoder", encoder, ENCODERS)
-    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-        raise UserError(f"{model}: in_channels must be a positive integer, got {in_channels!r}")
+    check_positive_int(f"{model}: in_channels", in_channels)
     if record_indices and encoder not in encoders_recording_indices():
         raise UserError(
             f"{model}: upsample 'max_unpool' needs max-pool indices, which encoder {encoder!r} "

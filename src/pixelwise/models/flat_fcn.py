@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pixelwise.encoders.blocks import conv_norm_act
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, check_positive_int
 from pixelwise.models.base import SegmentationModel
 
 
@@ -33,8 +33,7 @@ class FlatFCN(SegmentationModel):
     ) -> None:
         super().__init__()
         for name, value in (("depth", depth), ("width", width), ("dilation", dilation)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"flat_fcn: {name} must be a positive integer, got {value!r}")
+            check_positive_int(f"flat_fcn: {name}", value)
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise UserError(
                 f"flat_fcn: kernel_size must be a positive odd integer, got {kernel_size!r}"

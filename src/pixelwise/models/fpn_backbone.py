@@ -40,7 +40,7 @@ from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
 from pixelwise.encoders.torchvision_encoders import _adapt_first_conv, load_state_file
-from pixelwise.errors import UserError, unknown_name
+from pixelwise.errors import UserError, check_positive_int, unknown_name
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +134,7 @@ def build_fpn_backbone(
     """
     if not isinstance(name, str) or name not in FPN_BACKBONES:
         raise unknown_name("backbone", name, FPN_BACKBONES)
-    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-        raise UserError(f"backbone {name}: in_channels must be a positive integer, got "
-                        f"{in_channels!r}")
+    check_positive_int(f"backbone {name}: in_channels", in_channels)
     family = _family(name)
     max_trainable = 5 if family == "resnet" else 6
     if (isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int)
@@ -169,8 +167,7 @@ def build_fpn_backbone(
         # stage i ends on a stride-2 block, so its stride is 2^(i+1); the last stage (the final
         # 1x1 conv) keeps stage 4's stride 32
         strides = [2 ** (min(k, 4) + 1) for k in layers]
-    if isinstance(fpn_channels, bool) or not isinstance(fpn_channels, int) or fpn_channels < 1:
-        raise UserError(f"fpn_channels must be a positive integer, got {fpn_channels!r}")
+    check_positive_int("fpn_channels", fpn_channels)
     if fpn_channels != body.out_channels:  # torchvision's extractors fix 256: rebuild the FPN
         widths = [block[0].in_channels for block in body.fpn.inner_blocks]
         body.fpn = FeaturePyramidNetwork(widths, fpn_channels, extra_blocks=body.fpn.extra_blocks,

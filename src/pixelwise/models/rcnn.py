@@ -52,7 +52,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops import batched_nms, box_iou
 
 from pixelwise.data.keypoints import DEFAULT_SIGMA, KeypointSchema
-from pixelwise.errors import UserError, unknown_name
+from pixelwise.errors import UserError, check_positive_int, unknown_name
 from pixelwise.models.fast_postprocess import FastRoIHeads, RCNNTransform, paste_masks
 from pixelwise.models.fpn_backbone import build_fpn_backbone
 from pixelwise.models.mask_classifier import MaskClassifier, top_k_classes
@@ -502,8 +502,7 @@ def _check_fraction(name: str, value: Any) -> None:
 
 def _check_positive(**values: Any) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int(name, value)
 
 
 def mask_rcnn(

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelwise.errors import UserError, unknown_name
+from pixelwise.errors import UserError, check_positive_int, unknown_name
 from pixelwise.upsample import UPSAMPLERS, TransposedConv, make_upsampler
 
 logger = logging.getLogger(__name__)
@@ -45,11 +45,6 @@ def _check_upsample(upsample: UpsampleArg) -> None:
     if isinstance(upsample, str) and UPSAMPLERS[upsample].needs_indices:
         raise UserError(f"upsampler {upsample!r} needs max-pool indices, which an R-CNN head "
                         f"does not have; choose another (e.g. transposed, bilinear, resize_conv)")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _he_init(module: nn.Module) -> None:
@@ -140,7 +135,7 @@ class _FcFusion(nn.Module):
 
     def __init__(self, in_channels: int, size: int) -> None:
         super().__init__()
-        _check_positive_int("fc_fusion_size", size)
+        check_positive_int("fc_fusion_size", size)
         mid = max(1, in_channels // 2)
         self.size = size
         self.conv = nn.Conv2d(in_channels, mid, 3, padding=1)
@@ -169,7 +164,7 @@ class KeypointPredictor(nn.Module):
                  upsample: UpsampleArg = "transposed", **upsample_options: Any) -> None:
         super().__init__()
         _check_upsample(upsample)
-        _check_positive_int("num_keypoints", num_keypoints)
+        check_positive_int("num_keypoints", num_keypoints)
         self.num_keypoints = num_keypoints
         self.up_scale = 2
         if upsample == "transposed":

@@ -39,7 +39,7 @@ from torch import nn
 from torchvision.ops import masks_to_boxes
 
 from pixelwise.decoders._upsample import per_stage
-from pixelwise.errors import UserError, unknown_name
+from pixelwise.errors import UserError, check_positive_int, unknown_name
 from pixelwise.models.fpn_backbone import build_fpn_backbone
 from pixelwise.models.mask_classifier import MaskClassifier, top_k_classes
 from pixelwise.models.solov2_head import MaskFeatureBranch, SOLOv2Head
@@ -539,8 +539,7 @@ def _check_options(num_classes: int, grid_sizes: tuple, scale_ranges: tuple,
     if nms_kernel not in DECAY_KERNELS:
         raise unknown_name("Matrix NMS kernel", nms_kernel, DECAY_KERNELS)
     for name, value in positive.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"solov2: {name} must be a positive integer, got {value!r}")
+        check_positive_int(f"solov2: {name}", value)
     if isinstance(stacked_convs, bool) or not isinstance(stacked_convs, int) or stacked_convs < 0:
         raise UserError(f"solov2: stacked_convs must be a non-negative integer, got "
                         f"{stacked_convs!r}")
