@@ -9,11 +9,14 @@ the recipes train), timed alternately in the same run, median seconds:
 * `instance-mask_rcnn`: the recipe's ResNet-18-FPN Mask R-CNN, batch 4 of 256 x 256 images with
   8 objects each;
 each as the trainer ran it before (NCHW weights, torch's per-tensor AdamW loop) and with
-`--channels-last` and the fused AdamW the trainer now uses (`build_optimizer`).
+`--channels-last` and the fused AdamW the trainer now uses (`build_optimizer`); the Mask R-CNN
+also with torchvision's RoIAlign kernel (split between threads, `parallel_roi_align`) against
+`separable_roi_align`, which the R-CNNs' poolers now use in training.
 Parts, median milliseconds: the AdamW step alone (loop vs fused); the labels of (16, 7, 256,
 256) logits (`argmax(1)` vs `pixelwise.ops.labels.argmax_labels`: validation and prediction);
 the block label counts of the semantic loss (`area_targets` vs a one-hot + sum pool reference,
-which must agree exactly).
+which must agree exactly); RoIAlign forward + backward at the recipe's stride-4 level (bfloat16
+features, as under autocast; the two must agree to bfloat16 rounding).
 """
 
 from __future__ import annotations
@@ -24,15 +27,18 @@ import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from instance import _interleaved, _train_targets  # benchmarks/instance.py
 from quality import RECIPES  # benchmarks/quality.py
 
+import pixelwise.ops.roi_align as roi_pooling
 from pixelwise.engine.trainer import autocast_settings, build_optimizer
 from pixelwise.models import build_model
 from pixelwise.ops.labels import argmax_labels
+from pixelwise.ops.separable_roi_align import separable_roi_align
 from pixelwise.tasks.losses import area_targets
 from pixelwise.tasks.semantic import SemanticTask
 
@@ -75,7 +81,7 @@ def _instance_case() -> tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.
 
 
 def _stepper(build: Callable[[], torch.nn.Module], loss: Callable[[torch.nn.Module], Any],
-             channels_last: bool, fused: bool) -> Callable[[], None]:
+             channels_last: bool, fused: bool, separable: bool) -> Callable[[], None]:
     model = build().train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -85,8 +91,13 @@ def _stepper(build: Callable[[], torch.nn.Module], loss: Callable[[torch.nn.Modu
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     amp, dtype = autocast_settings(True, torch.device("cpu"))
 
+    # torchvision's kernel where the training poolers now take the separable op
+    pooling = mock.patch.object(roi_pooling, "separable_roi_align",
+                                separable_roi_align if separable
+                                else roi_pooling.parallel_roi_align)
+
     def step() -> None:
-        with torch.autocast("cpu", dtype=dtype, enabled=amp):
+        with pooling, torch.autocast("cpu", dtype=dtype, enabled=amp):
             losses = loss(model)
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
@@ -99,9 +110,11 @@ def steps(repeats: int) -> list[dict[str, Any]]:
     rows = []
     for name, case in (("semantic-unet", _semantic_case), ("instance-mask_rcnn", _instance_case)):
         build, loss = case()
-        variants = {"before (NCHW, AdamW loop)": (False, False),
-                    "fused AdamW": (False, True),
-                    "channels_last + fused AdamW": (True, True)}
+        variants = {"before (NCHW, AdamW loop)": (False, False, False),
+                    "fused AdamW": (False, True, False),
+                    "channels_last + fused AdamW": (True, True, False)}
+        if name == "instance-mask_rcnn":
+            variants["+ separable RoIAlign"] = (True, True, True)
         fns = {label: _stepper(build, loss, *flags) for label, flags in variants.items()}
         times = _interleaved(fns, repeats)
         base = statistics.median(times["before (NCHW, AdamW loop)"]["wall"])
@@ -156,6 +169,41 @@ def parts(repeats: int) -> list[dict[str, Any]]:
                  "ours": "area_targets",
                  "reference_ms": _median_ms(one_hot_counts, repeats),
                  "ours_ms": _median_ms(lambda: area_targets(labels, 4, 7), repeats)})
+    return rows + _roi_align_parts(repeats)
+
+
+def _roi_align_parts(repeats: int) -> list[dict[str, Any]]:
+    """RoIAlign forward + backward on the recipe's stride-4 level (4 images, 128 channels, 64 x
+    64, bfloat16 channels_last): the mask branch's RoIs (up to 32 positives per image, 14 x 14)
+    and the box branch's (64 per image, 7 x 7), boxes of 10-110 px."""
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(4, 128, SIZE // 4, SIZE // 4, generator=g).bfloat16()
+    features = features.to(memory_format=torch.channels_last).requires_grad_()
+    for branch, count, side in (("mask", 128, 14), ("box", 256, 7)):
+        wh = 10 + 100 * torch.rand(count, 2, generator=g)
+        xy = torch.rand(count, 2, generator=g) * (SIZE - wh)
+        index = (torch.arange(count) % 4).float()[:, None]
+        rois = torch.cat([index, xy, xy + wh], 1)  # (K, 5)
+        weight = torch.randn(count, 128, side, side, generator=g)
+
+        def run(pool: Callable[..., torch.Tensor], keep: list | None = None) -> None:
+            out = pool(features, rois, side, 0.25, 2)
+            (grad,) = torch.autograd.grad((out.float() * weight).sum(), features)
+            if keep is not None:
+                keep += [out.float(), grad.float()]
+
+        ref: list = []
+        ours: list = []
+        run(roi_pooling.parallel_roi_align, ref)
+        run(separable_roi_align, ours)
+        for a, b in zip(ours, ref):  # bfloat16 rounding of features, weights and output
+            torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())
+        rows.append({"part": f"RoIAlign fwd+bwd, {branch}: {count} RoIs, {side} x {side}",
+                     "reference": "torchvision kernel", "ours": "separable",
+                     "reference_ms": _median_ms(lambda: run(roi_pooling.parallel_roi_align),
+                                                repeats),
+                     "ours_ms": _median_ms(lambda: run(separable_roi_align), repeats)})
     return rows
 
 

@@ -67,6 +67,59 @@ def test_fpn_channels_sets_the_width_of_every_level(name: str) -> None:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name, width, stage_widths", [
+    ("resnet18", 32, [32, 64, 128, 256]),
+    ("resnet34", 16, [16, 32, 64, 128]),
+    ("resnet50", 16, [64, 128, 256, 512]),  # bottlenecks: 4x the stage width out
+])
+def test_width_builds_every_stage_at_its_multiple(name: str, width: int,
+                                                  stage_widths: list[int]) -> None:
+    """A narrower ResNet: the stem at `width`, the stages at w..8w (x 4 for bottlenecks) with the
+    same blocks per stage and strides; the FPN's levels keep their sizes."""
+    torch.manual_seed(0)
+    slim = build_fpn_backbone(name, width=width, fpn_channels=32)
+    full = build_fpn_backbone(name, fpn_channels=32)
+    body = slim.body
+    assert body.conv1.out_channels == width and body.bn1.num_features == width
+    for k, channels in enumerate(stage_widths, start=1):
+        stage, ref = getattr(body, f"layer{k}"), getattr(full.body, f"layer{k}")
+        assert len(stage) == len(ref)
+        assert [type(b) for b in stage] == [type(b) for b in ref]
+        assert stage[-1].conv1.in_channels == channels  # a stage's blocks take its output width
+    assert [b[0].in_channels for b in slim.fpn.inner_blocks] == stage_widths
+    assert feature_shapes(slim, (67, 93)) == feature_shapes(full, (67, 93))
+    # ~1/4 of the parameters at half the width (each conv's weight scales with its width^2)
+    ratio = sum(p.numel() for p in body.parameters()) / sum(
+        p.numel() for p in full.body.parameters())
+    assert ratio == pytest.approx((width / 64) ** 2, rel=0.05)
+
+
+def test_width_64_is_torchvisions_resnet() -> None:
+    """width=64 rebuilds torchvision's own layout: the same tree and shapes, and torchvision's
+    initialisation (kaiming fan-out convs, unit BN)."""
+    torch.manual_seed(0)
+    ours = build_fpn_backbone("resnet18", width=64)
+    ref = build_fpn_backbone("resnet18")
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()}
+    weight = ours.body.layer3[0].conv2.weight  # 256 x 256 x 3 x 3, fan-out 256 * 9
+    assert weight.std().item() == pytest.approx(math.sqrt(2 / (256 * 9)), rel=0.05)
+    assert torch.equal(ours.body.layer2[1].bn1.weight, torch.ones(128))
+
+
+def test_width_errors(tmp_path) -> None:
+    with pytest.raises(UserError, match="width applies to the ResNets only"):
+        build_fpn_backbone("mobilenet_v3_large", width=32)
+    for bad in (0, 12.5, True):
+        with pytest.raises(UserError, match="width must be a positive integer"):
+            build_fpn_backbone("resnet18", width=bad)
+    path = tmp_path / "r18.safetensors"  # torchvision's width 64 into a width 32 ResNet
+    net = torchvision.models.resnet18(weights=None)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    with pytest.raises(UserError, match="'conv1.weight' has shape .*expects \\(32, 3, 7, 7\\)"):
+        build_fpn_backbone("resnet18", weights=path, width=32)
+
+
 @pytest.mark.parametrize("trainable", [0, 3, 5])
 def test_trainable_layers_freeze_like_torchvision(trainable: int) -> None:
     ours = build_fpn_backbone("resnet18", trainable_layers=trainable)
@@ -153,3 +206,35 @@ def test_models_on_an_fpn_take_fpn_channels(model: str) -> None:
     with torch.no_grad():
         out = net([torch.rand(3, 64, 64)])
     assert isinstance(out, list) and len(out) == 1  # every head takes the 32 maps
+
+
+@pytest.mark.parametrize("model", ["mask_rcnn", "keypoint_rcnn", "solov2", "panoptic_fpn"])
+def test_models_on_an_fpn_take_backbone_width(model: str) -> None:
+    from pixelwise.models import build_model
+
+    extra = {"keypoint_rcnn": {"num_keypoints": 5}, "panoptic_fpn": {"num_things": 2}}
+    net = build_model(model, num_classes=4, backbone="resnet18", backbone_width=16,
+                      fpn_channels=32, **extra.get(model, {})).eval()
+    fpn = next(m for m in net.modules() if isinstance(m, torchvision.ops.FeaturePyramidNetwork))
+    assert [block[0].in_channels for block in fpn.inner_blocks] == [16, 32, 64, 128]
+    with torch.no_grad():
+        out = net([torch.rand(3, 64, 64)])
+    assert isinstance(out, list) and len(out) == 1
+
+
+def test_slim_mask_rcnn_trains() -> None:
+    """A training step of a half-width Mask R-CNN: every loss finite, the stem gets a gradient."""
+    from pixelwise.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("mask_rcnn", num_classes=3, backbone="resnet18", backbone_width=32,
+                      fpn_channels=32, mask_head_layers=[16, 16]).train()
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 8:48, 8:40] = 1
+    target = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 48.0]]), "labels": torch.tensor([1]),
+              "masks": masks}
+    losses = net([torch.rand(3, 64, 64)], [target])
+    assert {"loss_mask", "loss_classifier"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert net.backbone.body.conv1.weight.grad.abs().sum() > 0

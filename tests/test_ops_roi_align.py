@@ -82,7 +82,8 @@ def _fpn(images: int = 2, size: int = 512, channels: int = 4) -> "OrderedDict[st
 
 def test_multiscale_equals_torchvision_forward_and_backward() -> None:
     """Boxes of every size (so every FPN level gets RoIs: level 3 from ~450 px), two images of
-    different sizes."""
+    different sizes. Features that need a gradient are pooled by `separable_roi_align`: equal
+    to float rounding, forward and backward."""
     features = _fpn()
     g = torch.Generator().manual_seed(3)
     big = torch.tensor([[0.0, 0.0, 500.0, 480.0], [5.0, 10.0, 470.0, 505.0]])
@@ -94,12 +95,33 @@ def test_multiscale_equals_torchvision_forward_and_backward() -> None:
     out_ours, out_theirs = ours(features, boxes, shapes), theirs(features, boxes, shapes)
     levels = theirs.map_levels(boxes)
     assert set(levels.tolist()) == {0, 1, 2, 3}
-    assert torch.equal(out_ours, out_theirs)
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-5, atol=1e-5)
     weight = torch.randn_like(out_ours)
     grads_ours = torch.autograd.grad((out_ours * weight).sum(), list(features.values()))
     grads_theirs = torch.autograd.grad((out_theirs * weight).sum(), list(features.values()))
     for a, b in zip(grads_ours, grads_theirs):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_multiscale_pools_with_the_separable_op_only_for_a_gradient(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = pra.separable_roi_align
+    monkeypatch.setattr(pra, "separable_roi_align", lambda *a: calls.append(1) or real(*a))
+    features = _fpn(images=1)
+    boxes = [_boxes(100, 512.0, torch.Generator().manual_seed(5))]
+    pooler = ParallelMultiScaleRoIAlign(list(features), output_size=7, sampling_ratio=2)
+    with torch.no_grad():
+        pooler(features, boxes, [(512, 512)])
+    assert calls == []
+    for threads in (2, 1):  # the separable op on one thread too
+        torch.set_num_threads(threads)
+        pooler(features, boxes, [(512, 512)])
+    assert len(calls) == 2 * 4  # one call per level
+    adaptive = ParallelMultiScaleRoIAlign(list(features), output_size=7, sampling_ratio=-1)
+    calls.clear()
+    out = adaptive(features, boxes, [(512, 512)])  # no fixed grid: torchvision's kernel
+    assert calls == [] and out.requires_grad
 
 
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])

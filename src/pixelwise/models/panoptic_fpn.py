@@ -107,6 +107,7 @@ def panoptic_fpn(
     *,
     num_things: int | None = None,
     backbone: str = "resnet50",
+    backbone_width: int | None = None,
     weights: str | Path | None = None,
     trainable_layers: int = 5,
     in_channels: int = 3,
@@ -150,7 +151,8 @@ def panoptic_fpn(
         raise UserError(f"panoptic_fpn: num_classes (all categories, {num_classes!r}) must be "
                         f"larger than num_things ({num_things}): stuff needs a class too")
     detector = mask_rcnn(
-        num_things + 1, backbone=backbone, weights=weights, trainable_layers=trainable_layers,
+        num_things + 1, backbone=backbone, backbone_width=backbone_width, weights=weights,
+        trainable_layers=trainable_layers,
         in_channels=in_channels, fpn_channels=fpn_channels, upsample=mask_upsample,
         mask_head_layers=mask_head_layers,
         anchor_sizes=anchor_sizes, aspect_ratios=aspect_ratios, min_size=min_size,

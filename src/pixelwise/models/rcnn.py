@@ -430,6 +430,7 @@ def _common(
     anchor_sizes: Sequence[int], aspect_ratios: Sequence[float],
     image_mean: Sequence[float] | None, image_std: Sequence[float] | None,
     fpn_channels: int = 256, head_norm: str | None = None, box_head_convs: int = 0,
+    backbone_width: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The backbone and the keyword arguments every R-CNN here shares: the FPN normalised by
     `head_norm`; the box head torchvision's TwoMLPHead, or with `box_head_convs` > 0 that many
@@ -439,7 +440,8 @@ def _common(
             or box_head_convs < 0:
         raise UserError(f"box_head_convs must be an integer >= 0, got {box_head_convs!r}")
     body = build_fpn_backbone(backbone, weights, trainable_layers, in_channels=in_channels,
-                              fpn_channels=fpn_channels, fpn_norm_layer=norm)
+                              fpn_channels=fpn_channels, fpn_norm_layer=norm,
+                              width=backbone_width)
     anchors = _anchor_generator(body, anchor_sizes, aspect_ratios)
     if image_mean is None:
         image_mean = IMAGENET_MEAN if in_channels == 3 else (sum(IMAGENET_MEAN) / 3,) * in_channels
@@ -509,6 +511,7 @@ def mask_rcnn(
     num_classes: int,
     *,
     backbone: str = "resnet50",
+    backbone_width: int | None = None,
     weights: str | Path | None = None,
     trainable_layers: int = 5,
     in_channels: int = 3,
@@ -572,6 +575,8 @@ def mask_rcnn(
     level, so that a large object's 14 x 14 RoI samples 4-pixel features, not 16- or 32-pixel
     ones; RoIs too large for the levels kept go to the coarsest of them).
     fpn_channels: the FPN's width (256 as torchvision; 128 halves the cost on small images).
+    backbone_width: a ResNet backbone's stem width (None: torchvision's 64; 32 builds its
+    stages at half width, ~1/4 of its cost; `build_fpn_backbone`'s width).
     head_norm: "bn" or "gn" normalises the FPN and the mask (and conv box) head, as
     torchvision's v2 Mask R-CNN (BN) and training from scratch (He et al. 2019, GN) do; None
     (default) as the original. box_head_convs: 3x3 convs before the box head's fc (0: the two-fc
@@ -616,7 +621,7 @@ def mask_rcnn(
         raise UserError(f"classifier_jitter must be in [0, 0.5), got {classifier_jitter!r}")
     body, kwargs = _common(num_classes, backbone, weights, trainable_layers, in_channels,
                            anchor_sizes, aspect_ratios, image_mean, image_std, fpn_channels,
-                           head_norm, box_head_convs)
+                           head_norm, box_head_convs, backbone_width)
     layers = _head_layers("mask_head_layers", mask_head_layers)
     return MaskRCNN(
         body, None,
@@ -672,6 +677,7 @@ def keypoint_rcnn(
     num_keypoints: int | None = None,
     schema: KeypointSchema | dict | None = None,
     backbone: str = "resnet50",
+    backbone_width: int | None = None,
     weights: str | Path | None = None,
     trainable_layers: int = 5,
     in_channels: int = 3,
@@ -713,7 +719,8 @@ def keypoint_rcnn(
     _check_fraction("box_positive_fraction", box_positive_fraction)
     schema = _resolve_schema(num_keypoints, schema)
     body, kwargs = _common(num_classes, backbone, weights, trainable_layers, in_channels,
-                           anchor_sizes, aspect_ratios, image_mean, image_std, fpn_channels)
+                           anchor_sizes, aspect_ratios, image_mean, image_std, fpn_channels,
+                           backbone_width=backbone_width)
     layers = _head_layers("keypoint_head_layers", keypoint_head_layers)
     return KeypointRCNN(
         body, None,

@@ -425,6 +425,7 @@ def solov2(
     num_classes: int,
     *,
     backbone: str = "resnet50",
+    backbone_width: int | None = None,
     weights: str | Path | None = None,
     trainable_layers: int = 5,
     in_channels: int = 3,
@@ -460,7 +461,8 @@ def solov2(
 
     backbone: resnet18 / resnet34 / resnet50 / mobilenet_v3_large + FPN (`build_fpn_backbone`:
     random init unless `weights` names a local torchvision file; `trainable_layers` as
-    torchvision's; `fpn_channels` its FPN's width, 256 as torchvision). upsample: the mask
+    torchvision's; `fpn_channels` its FPN's width, 256 as torchvision; `backbone_width` a ResNet's
+    stem width, None: torchvision's 64). upsample: the mask
     feature branch's upsampler (`pixelwise.upsample`).
     grid_sizes / scale_ranges: one per FPN level (5). head_channels, stacked_convs: category /
     kernel towers; kernel_channels: E; mask_channels: the mask feature branch's width.
@@ -488,7 +490,7 @@ def solov2(
                         "channel)")
     upsample = per_stage(upsample, 1, "solov2")[0]
     body = build_fpn_backbone(backbone, weights, trainable_layers, in_channels=in_channels,
-                              fpn_channels=fpn_channels)
+                              fpn_channels=fpn_channels, width=backbone_width)
     strides = tuple(getattr(body, "strides", FPN_STRIDES))
     if strides != FPN_STRIDES:
         raise UserError(f"solov2: backbone {backbone!r} gives levels at strides {strides}, "

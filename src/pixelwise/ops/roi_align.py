@@ -1,4 +1,5 @@
-"""RoIAlign on several CPU threads: torchvision's kernel, the RoIs split between threads.
+"""RoIAlign on several CPU threads (torchvision's kernel, the RoIs split between threads) and the
+multi-level pooler of the R-CNNs here.
 
 torchvision's CPU `roi_align` (forward and backward) is one loop over the RoIs on one thread, so
 with 2+ torch threads it leaves cores idle: in Mask R-CNN's eval at 256 x 256 the box branch's
@@ -12,8 +13,10 @@ order of float additions where RoIs of different chunks overlap.
 
 Written here because neither torch nor torchvision runs this kernel in parallel on CPU.
 `ParallelMultiScaleRoIAlign` is torchvision's `MultiScaleRoIAlign` (same level mapping, same
-scales) with this op per level; it falls back to torchvision's path off CPU, on one thread, and
-for few RoIs.
+scales) with this op per level at inference; where the features need a gradient (training) it
+pools with `separable_roi_align` instead (two GEMMs per image, 2-3x faster forward and backward;
+equal to float rounding in float32, bfloat16 pooled in bfloat16). It falls back to torchvision's
+path off CPU, and at inference on one thread and for few RoIs.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from pixelwise.ops.cpu_threads import parts_for, run_split
+from pixelwise.ops.separable_roi_align import separable_roi_align
 
 # fewer RoIs than this per thread: not worth a thread hand-off (~20 us each)
 MIN_ROIS_PER_THREAD = 32
@@ -92,7 +96,8 @@ def parallel_roi_align(input: Tensor, rois: Tensor, output_size: int | Sequence[
 
 class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
     """torchvision's `MultiScaleRoIAlign` (same arguments, levels and scales) pooling each level
-    with `parallel_roi_align`."""
+    on CPU with `separable_roi_align` where the features need a gradient (training), else with
+    `parallel_roi_align` (torchvision's kernel, bit for bit)."""
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:
@@ -100,17 +105,20 @@ class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(
                 features, image_shapes, self.canonical_scale, self.canonical_level)
-        if features[0].device.type != "cpu" or torch.get_num_threads() < 2:
+        if features[0].device.type != "cpu":
             return super().forward(x, boxes, image_shapes)
+        separable = (torch.is_grad_enabled() and self.sampling_ratio > 0
+                     and any(f.requires_grad for f in features))
+        if not separable and torch.get_num_threads() < 2:
+            return super().forward(x, boxes, image_shapes)
+        pool = separable_roi_align if separable else parallel_roi_align
         rois = _convert_to_roi_format(boxes)  # (K, 5): image index, x1, y1, x2, y2
         if len(features) == 1:
-            return parallel_roi_align(features[0], rois, self.output_size, self.scales[0],
-                                      self.sampling_ratio)
+            return pool(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
         levels = self.map_levels(boxes)
         result = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             index = torch.where(levels == level)[0]
-            pooled = parallel_roi_align(feature, rois[index], self.output_size, scale,
-                                        self.sampling_ratio)
+            pooled = pool(feature, rois[index], self.output_size, scale, self.sampling_ratio)
             result[index] = pooled.to(result.dtype)  # autocast may mix the levels' dtypes
         return result
