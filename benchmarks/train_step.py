@@ -173,19 +173,20 @@ def parts(repeats: int) -> list[dict[str, Any]]:
 
 
 def _roi_align_parts(repeats: int) -> list[dict[str, Any]]:
-    """RoIAlign forward + backward on the recipe's stride-4 level (4 images, 128 channels, 64 x
-    64, bfloat16 channels_last): the mask branch's RoIs (up to 32 positives per image, 14 x 14)
-    and the box branch's (64 per image, 7 x 7), boxes of 10-110 px."""
+    """RoIAlign forward + backward on the recipe's stride-4 level (4 images, the recipe's FPN
+    width, 64 x 64, bfloat16 channels_last): the mask branch's RoIs (up to 32 positives per
+    image, 14 x 14) and the box branch's (64 per image, 7 x 7), boxes of 10-110 px."""
     rows = []
     g = torch.Generator().manual_seed(0)
-    features = torch.randn(4, 128, SIZE // 4, SIZE // 4, generator=g).bfloat16()
+    channels = RECIPES["instance-mask_rcnn"].options["fpn_channels"]
+    features = torch.randn(4, channels, SIZE // 4, SIZE // 4, generator=g).bfloat16()
     features = features.to(memory_format=torch.channels_last).requires_grad_()
     for branch, count, side in (("mask", 128, 14), ("box", 256, 7)):
         wh = 10 + 100 * torch.rand(count, 2, generator=g)
         xy = torch.rand(count, 2, generator=g) * (SIZE - wh)
         index = (torch.arange(count) % 4).float()[:, None]
         rois = torch.cat([index, xy, xy + wh], 1)  # (K, 5)
-        weight = torch.randn(count, 128, side, side, generator=g)
+        weight = torch.randn(count, channels, side, side, generator=g)
 
         def run(pool: Callable[..., torch.Tensor], keep: list | None = None) -> None:
             out = pool(features, rois, side, 0.25, 2)
@@ -199,7 +200,7 @@ def _roi_align_parts(repeats: int) -> list[dict[str, Any]]:
         run(separable_roi_align, ours)
         for a, b in zip(ours, ref):  # bfloat16 rounding of features, weights and output
             torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())
-        rows.append({"part": f"RoIAlign fwd+bwd, {branch}: {count} RoIs, {side} x {side}",
+        rows.append({"part": f"RoIAlign fwd+bwd, {branch}: {count} x {channels} x {side}²",
                      "reference": "torchvision kernel", "ours": "separable",
                      "reference_ms": _median_ms(lambda: run(roi_pooling.parallel_roi_align),
                                                 repeats),

@@ -19,8 +19,9 @@ Two attributes are added for the models built on top (anchors, RoI pooling):
 
 A ResNet may be built at another `width` (its stem's channels; torchvision's: 64): the stages then
 have w, 2w, 4w, 8w channels (times 4 for ResNet-50's bottlenecks), the same depth and strides.
-At width 32 a ResNet-18 costs ~1/4 of the FLOPs: on small synthetic images, where a CPU-trained
-model is limited by the images it sees in its time, that buys more of them.
+At width 32 a ResNet-18 costs ~1/4 of the FLOPs: more images per second for a CPU-trained model,
+at the cost of capacity (on the 256² instance set the Mask R-CNN recipe lost more per step than
+its 1.8x faster steps bought back: see the README).
 
 For MobileNetV3 pixelwise differs from torchvision's default (`returned_layers=[4, 5]`, two maps
 both at stride 32, made for 320-800 px photos): small images with small objects need the stride
