@@ -82,8 +82,7 @@ def _fpn(images: int = 2, size: int = 512, channels: int = 4) -> "OrderedDict[st
 
 def test_multiscale_equals_torchvision_forward_and_backward() -> None:
     """Boxes of every size (so every FPN level gets RoIs: level 3 from ~450 px), two images of
-    different sizes. Features that need a gradient are pooled by `separable_roi_align`: equal
-    to float rounding, forward and backward."""
+    different sizes."""
     features = _fpn()
     g = torch.Generator().manual_seed(3)
     big = torch.tensor([[0.0, 0.0, 500.0, 480.0], [5.0, 10.0, 470.0, 505.0]])
@@ -95,32 +94,50 @@ def test_multiscale_equals_torchvision_forward_and_backward() -> None:
     out_ours, out_theirs = ours(features, boxes, shapes), theirs(features, boxes, shapes)
     levels = theirs.map_levels(boxes)
     assert set(levels.tolist()) == {0, 1, 2, 3}
-    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out_ours, out_theirs)
     weight = torch.randn_like(out_ours)
     grads_ours = torch.autograd.grad((out_ours * weight).sum(), list(features.values()))
     grads_theirs = torch.autograd.grad((out_theirs * weight).sum(), list(features.values()))
     for a, b in zip(grads_ours, grads_theirs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_multiscale_pools_with_the_separable_op_only_for_a_gradient(
+def test_multiscale_pools_with_the_separable_op_where_it_pays(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only in bfloat16 training (a gradient, bfloat16 features), and only on the levels small
+    enough (`SEPARABLE_MAX_RATIO`); the result equals torchvision's to bfloat16 rounding."""
     calls = []
     real = pra.separable_roi_align
     monkeypatch.setattr(pra, "separable_roi_align", lambda *a: calls.append(1) or real(*a))
-    features = _fpn(images=1)
-    boxes = [_boxes(100, 512.0, torch.Generator().manual_seed(5))]
-    pooler = ParallelMultiScaleRoIAlign(list(features), output_size=7, sampling_ratio=2)
-    with torch.no_grad():
-        pooler(features, boxes, [(512, 512)])
+    boxes = [_boxes(100, 256.0, torch.Generator().manual_seed(5))]
+    fp32 = _fpn(images=1, size=256)  # levels 64², 32², 16², 8²
+    bf16 = OrderedDict((k, v.detach().bfloat16().requires_grad_()) for k, v in fp32.items())
+    pooler = ParallelMultiScaleRoIAlign(list(fp32), output_size=7, sampling_ratio=2)
+    pooler(fp32, boxes, [(256, 256)])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)  # as the models train
+    with torch.no_grad(), autocast:
+        pooler(bf16, boxes, [(256, 256)])
     assert calls == []
     for threads in (2, 1):  # the separable op on one thread too
         torch.set_num_threads(threads)
-        pooler(features, boxes, [(512, 512)])
+        with autocast:
+            out = pooler(bf16, boxes, [(256, 256)])
     assert len(calls) == 2 * 4  # one call per level
-    adaptive = ParallelMultiScaleRoIAlign(list(features), output_size=7, sampling_ratio=-1)
+    rounded = OrderedDict((k, v.detach().float()) for k, v in bf16.items())
+    expected = MultiScaleRoIAlign(list(fp32), output_size=7, sampling_ratio=2)(
+        rounded, boxes, [(256, 256)])
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
     calls.clear()
-    out = adaptive(features, boxes, [(512, 512)])  # no fixed grid: torchvision's kernel
+    big = _fpn(images=1, size=512)  # level 0 is 128²: 16384 > 256 * 7 * 2², torchvision's
+    big = OrderedDict((k, v.detach().bfloat16().requires_grad_()) for k, v in big.items())
+    pooler = ParallelMultiScaleRoIAlign(list(big), output_size=7, sampling_ratio=2)
+    with autocast:
+        pooler(big, [_boxes(100, 512.0, torch.Generator().manual_seed(6))], [(512, 512)])
+    assert len(calls) == 3
+    calls.clear()
+    adaptive = ParallelMultiScaleRoIAlign(list(bf16), output_size=7, sampling_ratio=-1)
+    with autocast:
+        out = adaptive(bf16, boxes, [(256, 256)])  # no fixed grid: torchvision's kernel
     assert calls == [] and out.requires_grad
 
 

@@ -13,10 +13,10 @@ order of float additions where RoIs of different chunks overlap.
 
 Written here because neither torch nor torchvision runs this kernel in parallel on CPU.
 `ParallelMultiScaleRoIAlign` is torchvision's `MultiScaleRoIAlign` (same level mapping, same
-scales) with this op per level at inference; where the features need a gradient (training) it
-pools with `separable_roi_align` instead (two GEMMs per image, 2-3x faster forward and backward;
-equal to float rounding in float32, bfloat16 pooled in bfloat16). It falls back to torchvision's
-path off CPU, and at inference on one thread and for few RoIs.
+scales) with this op per level; in bfloat16 autocast training (a gradient needed, bfloat16
+features) it pools the levels small enough with `separable_roi_align` instead (two GEMMs per
+image, 2-4x faster forward and backward there; see `SEPARABLE_MAX_RATIO`). It falls back to
+torchvision's path off CPU, and without the separable op on one thread and for few RoIs.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ from pixelwise.ops.separable_roi_align import separable_roi_align
 
 # fewer RoIs than this per thread: not worth a thread hand-off (~20 us each)
 MIN_ROIS_PER_THREAD = 32
+# `separable_roi_align`'s dense GEMMs do H * W / (PW * sampling_ratio^2) times the multiply-adds
+# of torchvision's samples; on bfloat16 features they were 2.4-3.8x (mask, 14 x 14: 73) and
+# 1.9-2.4x (box, 7 x 7: 146) faster forward + backward on a 64 x 64 map, 64-256 channels
+# (`benchmarks/train_step.py`); in float32 about even at 146 (a whole float32 Mask R-CNN step
+# 6 % slower): the separable op only for bfloat16, up to this ratio
+SEPARABLE_MAX_RATIO = 256
 
 
 def _chunks(rois: Tensor) -> list[Tensor] | None:
@@ -96,8 +102,16 @@ def parallel_roi_align(input: Tensor, rois: Tensor, output_size: int | Sequence[
 
 class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
     """torchvision's `MultiScaleRoIAlign` (same arguments, levels and scales) pooling each level
-    on CPU with `separable_roi_align` where the features need a gradient (training), else with
-    `parallel_roi_align` (torchvision's kernel, bit for bit)."""
+    on CPU with `separable_roi_align` where it pays (`_separable_pays`: bfloat16 training), else
+    with `parallel_roi_align` (torchvision's kernel, bit for bit)."""
+
+    def _separable_pays(self, feature: Tensor) -> bool:
+        """Whether `separable_roi_align` beats torchvision's kernel on this level: training
+        (a gradient needed) on bfloat16 features, a fixed sampling grid, a small enough map."""
+        pw, ratio = self.output_size[1], self.sampling_ratio
+        return (torch.is_grad_enabled() and feature.requires_grad and ratio > 0
+                and feature.dtype == torch.bfloat16
+                and feature.shape[-2] * feature.shape[-1] <= SEPARABLE_MAX_RATIO * pw * ratio ** 2)
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:
@@ -107,17 +121,17 @@ class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
                 features, image_shapes, self.canonical_scale, self.canonical_level)
         if features[0].device.type != "cpu":
             return super().forward(x, boxes, image_shapes)
-        separable = (torch.is_grad_enabled() and self.sampling_ratio > 0
-                     and any(f.requires_grad for f in features))
-        if not separable and torch.get_num_threads() < 2:
+        pools = [separable_roi_align if self._separable_pays(f) else parallel_roi_align
+                 for f in features]
+        if separable_roi_align not in pools and torch.get_num_threads() < 2:
             return super().forward(x, boxes, image_shapes)
-        pool = separable_roi_align if separable else parallel_roi_align
         rois = _convert_to_roi_format(boxes)  # (K, 5): image index, x1, y1, x2, y2
         if len(features) == 1:
-            return pool(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
+            return pools[0](features[0], rois, self.output_size, self.scales[0],
+                            self.sampling_ratio)
         levels = self.map_levels(boxes)
         result = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
-        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+        for level, (feature, scale, pool) in enumerate(zip(features, self.scales, pools)):
             index = torch.where(levels == level)[0]
             pooled = pool(feature, rois[index], self.output_size, scale, self.sampling_ratio)
             result[index] = pooled.to(result.dtype)  # autocast may mix the levels' dtypes

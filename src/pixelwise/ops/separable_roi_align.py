@@ -21,9 +21,11 @@ H entries per row for 2 samples), but a dense GEMM on them is still 2-3x faster,
 1.1-1.3x (`benchmarks/train_step.py`). The weights follow torchvision's kernel exactly (its
 out-of-range rule, clamping at the borders, `aligned`), so in float32 / float64 the output
 agrees with `torchvision.ops.roi_align` to float rounding (not bit for bit: the sums run in
-another order); pixelwise uses it where the gradient is needed and keeps torchvision's kernel
-for inference. Only a fixed `sampling_ratio` > 0 (every R-CNN here uses 2): the adaptive grid
-(ceil(bin size) samples, different for every RoI) is not a product of fixed-size matrices.
+another order). pixelwise's poolers use it in bfloat16 training on maps small enough for the
+dense products to pay (`pixelwise.ops.roi_align.SEPARABLE_MAX_RATIO`; in float32 it is about
+even with the kernel) and keep torchvision's kernel for inference. Only a fixed
+`sampling_ratio` > 0 (every R-CNN here uses 2): the adaptive grid (ceil(bin size) samples,
+different for every RoI) is not a product of fixed-size matrices.
 
 bfloat16 features (bfloat16 autocast training) are pooled in bfloat16: the weights rounded to it
 (8 significant bits), the products accumulated in float32 by the GEMM, the output bfloat16 as
