@@ -11,7 +11,7 @@ the recipes train), timed alternately in the same run, median seconds:
 each as the trainer ran it before (NCHW weights, torch's per-tensor AdamW loop) and with
 `--channels-last` and the fused AdamW the trainer now uses (`build_optimizer`); the Mask R-CNN
 also with torchvision's RoIAlign kernel (split between threads, `parallel_roi_align`) against
-`separable_roi_align`, which the R-CNNs' poolers now use in training.
+`separable_roi_align`, which the R-CNNs' poolers now use in bfloat16 training.
 Parts, median milliseconds: the AdamW step alone (loop vs fused); the labels of (16, 7, 256,
 256) logits (`argmax(1)` vs `pixelwise.ops.labels.argmax_labels`: validation and prediction);
 the block label counts of the semantic loss (`area_targets` vs a one-hot + sum pool reference,
