@@ -96,7 +96,8 @@ def test_no_rois_and_adaptive_sampling() -> None:
 
 def test_axis_weights_by_hand() -> None:
     """One RoI from 1.0 to 3.0 on a 4-pixel axis, 2 bins of 2 samples: samples at 1.25, 1.75
-    (bin 0) and 2.25, 2.75 (bin 1); a sample at 3.5 on the last pixel is clamped to it."""
+    (bin 0) and 2.25, 2.75 (bin 1); samples past the last pixel's centre take it alone, and a
+    sample more than one pixel outside the axis counts for nothing."""
     w = axis_weights(torch.tensor([1.0]), torch.tensor([2.0]), 2, 2, 4)
     expected = torch.tensor([[[0.0, 0.5, 0.5, 0.0],      # (0.75 + 0.25) / 2, (0.25 + 0.75) / 2
                               [0.0, 0.0, 0.5, 0.5]]])

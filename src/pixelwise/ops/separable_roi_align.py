@@ -16,10 +16,11 @@ products transposed, each RoI's gradient summed into the image's by the GEMM its
 Why by hand: torchvision's CPU kernel loops over every (RoI, channel, bin, sample) on one thread,
 recomputing the bilinear weights per channel, and its backward scatters each sample into the
 feature gradient one float at a time; in the Mask R-CNN recipe's training step (256 x 256
-images) forward and backward took 15-18 % of the step. The matrices here are mostly zeros (2-4 of
-H entries per row for 2 samples), but a dense GEMM on them is still 2-3x faster, and the step
-1.1-1.3x (`benchmarks/train_step.py`). The weights follow torchvision's kernel exactly (its
-out-of-range rule, clamping at the borders, `aligned`), so in float32 / float64 the output
+images) forward and backward took 15-18 % of the step. The matrices here are mostly zeros (2-4
+of H entries per row for 2 samples), but in bfloat16 a dense GEMM on them is still ~2-4x
+faster, and the step 1.1-1.3x (`benchmarks/train_step.py`). The weights follow torchvision's
+kernel exactly (its out-of-range rule, clamping at the borders, `aligned`), so in float32 /
+float64 the output
 agrees with `torchvision.ops.roi_align` to float rounding (not bit for bit: the sums run in
 another order). pixelwise's poolers use it in bfloat16 training on maps small enough for the
 dense products to pay (`pixelwise.ops.roi_align.SEPARABLE_MAX_RATIO`; in float32 it is about
