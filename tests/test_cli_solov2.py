@@ -60,8 +60,8 @@ def test_train_resume_eval_predict(data: Path, tmp_path: Path,
     flipped = json.loads(capsys.readouterr().out)
     assert flipped["segm"].keys() == metrics["segm"].keys() and flipped != metrics
     assert main(["eval", str(run), "--data", str(data), "--tta-scales", "1,2"]) == 2
-    assert capsys.readouterr().err.strip().endswith("--tta-scales is for semantic runs; "
-                                                    "instance runs take --tta flip (solov2)")
+    assert capsys.readouterr().err.strip().endswith(
+        "--tta-scales is for semantic runs; instance runs take --tta flip (solov2, mask_rcnn)")
 
     out = tmp_path / "pred"
     assert main(["predict", str(run), str(data / "images" / "val"), "--out", str(out),

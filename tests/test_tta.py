@@ -100,10 +100,10 @@ def test_parse_tta_names_the_valid_choices_and_the_task() -> None:
         parse_tta("flip", [], "semantic")
     assert parse_tta("flip", None, "instance") == TTA(flip=True)  # solov2's own flip test
     with pytest.raises(UserError, match=r"^--tta-scales is for semantic runs; instance runs "
-                                        r"take --tta flip \(solov2\)$"):
+                                        r"take --tta flip \(solov2, mask_rcnn\)$"):
         parse_tta("flip", [1, 1.5], "instance")
     with pytest.raises(UserError, match=r"^--tta/--tta-scales are for semantic runs \(and "
-                                        r"--tta flip for solov2 instance runs\), not keypoints "
+                                        r"--tta flip for instance runs\), not keypoints "
                                         r"runs$"):
         parse_tta("flip", None, "keypoints")
 
@@ -120,7 +120,7 @@ def test_apply_tta_wraps_semantic_models_and_switches_solov2() -> None:
     assert isinstance(model, SOLOv2) and not model.flip_test
     assert apply_tta(model, TTA(flip=True), "instance") is model and model.flip_test
     with pytest.raises(UserError, match=r"^run/best.safetensors: --tta flip is for solov2 "
-                                        r"among instance models, not Conv2d$"):
+                                        r"and mask_rcnn among instance models, not Conv2d$"):
         apply_tta(semantic, TTA(flip=True), "instance", "run/best.safetensors")
 
 

@@ -26,11 +26,13 @@ def parse_floats(text: str) -> list[float]:
 
 
 def add_tta_flags(parser: argparse.ArgumentParser) -> None:
-    """`--tta` / `--tta-scales` (semantic runs, flip for solov2; `pixelwise.predict.tta`)."""
+    """`--tta` / `--tta-scales` (semantic runs; flip for solov2 and mask_rcnn;
+    `pixelwise.predict.tta`)."""
     parser.add_argument("--tta", default=None, metavar="NAME",
                         help="test-time augmentation; flip averages the class probabilities of "
                         "each view and its mirror image (semantic runs; solov2 instance runs: "
-                        "per grid cell, with its masks, see SOLOv2)")
+                        "per grid cell, with its masks, see SOLOv2; mask_rcnn runs: both "
+                        "views' detections merged by NMS, masks voted)")
     parser.add_argument("--tta-scales", type=parse_floats, default=None, metavar="S,...",
                         help="semantic runs: average the views resized by these factors too, "
                         "e.g. 0.75,1,1.25 (with --tta flip: 6 passes)")

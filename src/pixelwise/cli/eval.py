@@ -64,7 +64,7 @@ def evaluate_run(run_dir: Path, data: Path | None, *, split: str = "val", which:
     """The task's metrics of `run_dir`'s checkpoint on `split` of `data` (`skip_bad`: bad
     samples are logged and left out of the metrics; `max_dets`: COCO detections scored per
     image, instance and keypoints tasks; `tta` ("flip") / `tta_scales`: test-time augmentation,
-    semantic runs (and flip for solov2 instance runs), `pixelwise.predict.tta`;
+    semantic runs (and flip for solov2 and mask_rcnn instance runs), `pixelwise.predict.tta`;
     `output_upsample`: a unet run's output upsampling instead of its own,
     `UNet.set_output_upsample`; `head_dtype`: an R-CNN run's mask / keypoint head dtype,
     `FastRoIHeads.head_dtype`)."""

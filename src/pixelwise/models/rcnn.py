@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ from pixelwise.models.mask_classifier import MaskClassifier, top_k_classes
 from pixelwise.models.norm import GroupNorm
 from pixelwise.models.rcnn_heads import KeypointPredictor, MaskPredictor, UpsampleArg
 from pixelwise.models.rcnn_semantic import instance_semantic_target, rescore_with_semantic
+from pixelwise.models.rcnn_tta import merge_views, mirror_detections
 from pixelwise.models.rpn import ParallelRPN
 from pixelwise.models.semantic_fpn_head import (SemanticFPNHead, logits_at_original,
                                                 semantic_loss)
@@ -196,7 +198,17 @@ class MaskRCNN(tvd.MaskRCNN):
     it instead on what it sees at eval: the mask head's own masks of the step's positive
     proposals (detached, pasted into the image and thresholded as at eval, the channel of the
     matched object's class, or the one map of a class-agnostic head), at the proposals' boxes,
-    each named by the ground-truth object it overlaps most (as SOLOv2 trains it)."""
+    each named by the ground-truth object it overlaps most (as SOLOv2 trains it).
+
+    ``maskness`` (> 0; the fast eval path's `FastRoIHeads.maskness`): scores times the RoI
+    masks' maskness to that power. ``set_flip_test(True)`` (`pixelwise eval / predict --tta
+    flip`): each image is detected together with its mirror image, and the two views are
+    merged by `rcnn_tta.merge_views` (per-class NMS over both, masks voted) before the
+    threshold; the semantic re-scoring runs in each view, the mask classifier on the merged
+    detections."""
+
+    #: the test-time flip (`set_flip_test`)
+    flip_test: bool = False
 
     def __init__(self, backbone: nn.Module, num_classes: int | None = None, *,
                  min_size: int | Sequence[int] | None = None, max_size: int = 1333,
@@ -206,11 +218,17 @@ class MaskRCNN(tvd.MaskRCNN):
                  semantic_rescore: float = 0.0, mask_classifier: MaskClassifier | None = None,
                  classifier_top_k: int = 2, classifier_weight: float = 1.0,
                  classifier_jitter: float = 0.1, classifier_masks: str = "truth",
-                 **kwargs: Any) -> None:
+                 maskness: float = 0.0, **kwargs: Any) -> None:
         super().__init__(backbone, num_classes, min_size=1 if min_size is None else min_size,
                          max_size=max_size, **kwargs)
         _fast_parts(self, resize=min_size is not None, mask_threshold=mask_threshold, fast=fast,
                     head_dtype=head_dtype)
+        if not (isinstance(maskness, (int, float)) and 0 <= maskness < math.inf):
+            raise UserError(f"maskness must be a power >= 0, got {maskness!r}")
+        if maskness > 0 and not fast:
+            raise UserError("maskness is a setting of the fast eval path: leave fast on")
+        if fast:
+            self.roi_heads.maskness = float(maskness)
         self.semantic_head = semantic_head
         self.aux_semantic = float(aux_semantic)
         self.semantic_rescore = float(semantic_rescore)
@@ -326,9 +344,34 @@ class MaskRCNN(tvd.MaskRCNN):
         out["labels"], out["scores"] = labels[keep], scores[keep]
         return out
 
+    def set_flip_test(self, enabled: bool) -> None:
+        """Switch the test-time flip (class docstring) on or off."""
+        self.flip_test = bool(enabled)
+
     def _detector_forward(self, images: list[torch.Tensor],
                           targets: list[dict[str, Any]] | None,
                           cleaned: list[dict[str, torch.Tensor]] | None) -> Any:
+        """`_one_pass`, or at eval with the test-time flip both views merged."""
+        if self.training or not self.flip_test:
+            return self._one_pass(images, targets, cleaned)
+        threshold = self.transform.mask_threshold
+        self.transform.mask_threshold = None  # probabilities, to vote with
+        try:  # the images and their mirror images in one batch
+            both = self._one_pass([*images, *(img.flip(-1) for img in images)], None, None)
+        finally:
+            self.transform.mask_threshold = threshold
+        out = []
+        for k, image in enumerate(images):
+            mirrored = mirror_detections(both[len(images) + k], int(image.shape[-1]))
+            merged = merge_views([both[k], mirrored], nms_thresh=self.roi_heads.nms_thresh,
+                                 max_detections=self.roi_heads.detections_per_img)
+            if threshold is not None:
+                merged["masks"] = merged["masks"] >= threshold
+            out.append(merged)
+        return out
+
+    def _one_pass(self, images: list[torch.Tensor], targets: list[dict[str, Any]] | None,
+                  cleaned: list[dict[str, torch.Tensor]] | None) -> Any:
         """torchvision's forward (`cleaned`: the targets through `clean_targets`), with the
         semantic branch when there is one."""
         raw = targets
@@ -542,6 +585,7 @@ def mask_rcnn(
     box_batch_size_per_image: int = 512,
     box_positive_fraction: float = 0.25,
     mask_threshold: float | None = 0.5,
+    maskness: float = 0.0,
     mask_class_agnostic: bool = False,
     aux_semantic: float = 0.0,
     semantic_channels: int = 64,
@@ -587,6 +631,9 @@ def mask_rcnn(
     cells; box_positive_fraction: the largest share of positives among the
     box_batch_size_per_image proposals sampled per image, which are also the mask head's
     training RoIs). mask_threshold: threshold after pasting (None: probabilities).
+    maskness: at eval, scores times each RoI mask's maskness (SOLOv2's mean probability over
+    the mask's pixels >= 0.5) to this power (0, default: the box head's scores, as
+    torchvision; 1: SOLOv2's product; a pixelwise addition, fast path only).
     mask_class_agnostic: one mask per RoI for every class instead of one per class
     (`MaskPredictor`'s class_agnostic). fast: the fast eval path of `fast_postprocess`.
     head_dtype: "bfloat16" runs the mask head and predictor in bfloat16 at eval on CPU (the
@@ -626,7 +673,7 @@ def mask_rcnn(
     return MaskRCNN(
         body, None,
         min_size=min_size, max_size=max_size, mask_threshold=mask_threshold, fast=fast,
-        head_dtype=head_dtype,
+        head_dtype=head_dtype, maskness=maskness,
         **_pick(settings, RPN_BOX_OPTIONS),
         mask_roi_pool=ParallelMultiScaleRoIAlign(
             _roi_levels(body.featmap_names, mask_roi_levels, "mask_roi_levels"),

@@ -14,8 +14,8 @@ mIoU 0.843 in one pass, 0.866 with `flip` (2 passes) and 0.881 with `flip` and s
 
 Instance models average inside the model, where their views can be matched: `flip` switches on
 a model's own test-time flip (`set_flip_test`; SOLOv2 averages each grid cell with its mirror
-cell, see `SOLOv2`). Mask R-CNN has none (its views' boxes would have to be matched and merged),
-and scales are for semantic runs only.
+cell, see `SOLOv2`; Mask R-CNN merges the two views' detections by NMS and votes their masks,
+see `pixelwise.models.rcnn_tta`). Keypoint R-CNN has none, and scales are for semantic runs only.
 """
 
 from __future__ import annotations
@@ -96,11 +96,11 @@ def parse_tta(name: str | None, scales: Sequence[float] | None, task: str | None
     if task == "instance":
         if scales is not None:
             raise UserError("--tta-scales is for semantic runs; instance runs take --tta flip "
-                            "(solov2)")
+                            "(solov2, mask_rcnn)")
         return TTA(flip=True)
     if task != "semantic":
-        raise UserError(f"--tta/--tta-scales are for semantic runs (and --tta flip for solov2 "
-                        f"instance runs), not {task} runs")
+        raise UserError(f"--tta/--tta-scales are for semantic runs (and --tta flip for instance "
+                        f"runs), not {task} runs")
     return TTA(flip=name == "flip", scales=scales or (1.0,))
 
 
@@ -113,8 +113,8 @@ def apply_tta(model: nn.Module, tta: TTA | None, task: str | None, source: Any =
     if task == "semantic":
         return AugmentedModel(model, tta)
     if not hasattr(model, "set_flip_test"):
-        raise UserError(f"{source}: --tta flip is for solov2 among instance models, not "
-                        f"{type(model).__name__}")
+        raise UserError(f"{source}: --tta flip is for solov2 and mask_rcnn among instance "
+                        f"models, not {type(model).__name__}")
     model.set_flip_test(True)
     return model
 
