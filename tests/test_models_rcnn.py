@@ -445,6 +445,12 @@ def test_keypoint_rcnn_with_a_five_point_schema(instance_batch) -> None:
     model.train()
     losses = model(images, kp_targets)
     assert "loss_keypoint" in losses and torch.isfinite(losses["loss_keypoint"])
+    # channels_last weights (`--channels-last`): torchvision's keypoint loss views the logits
+    torch.manual_seed(0)
+    expected = model(images, kp_targets)["loss_keypoint"]
+    model.to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(images, kp_targets)["loss_keypoint"], expected)
     wrong = [dict(t, keypoints=torch.zeros(len(t["boxes"]), 17, 3)) for t in kp_targets]
     with pytest.raises(UserError, match="predicts 5 keypoints"):
         model(images, wrong)

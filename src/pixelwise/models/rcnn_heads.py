@@ -185,13 +185,15 @@ class KeypointPredictor(nn.Module):
             self.upsample = make_upsampler(upsample, num_keypoints, 2, **upsample_options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(R, C, h, w) -> heatmap logits (R, K, 4h, 4w)."""
+        """(R, C, h, w) -> heatmap logits (R, K, 4h, 4w), contiguous (torchvision's keypoint
+        loss views them as (R * K, 16hw): channels_last weights would give channels_last
+        logits)."""
         if self.kps_score_lowres is not None:
             x = self.kps_score_lowres(x)
         else:
             x = self.upsample(self.kps_score(x))
         return F.interpolate(x, scale_factor=float(self.up_scale), mode="bilinear",
-                             align_corners=False, recompute_scale_factor=False)
+                             align_corners=False, recompute_scale_factor=False).contiguous()
 
 
 def upsampler_of(predictor: nn.Module) -> nn.Module:
