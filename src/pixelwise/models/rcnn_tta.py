@@ -6,7 +6,10 @@ boxes in every view and averages those masks. This one merges the views' outputs
 heads run once per view): the detections of both views are pooled, the box head's per-class
 NMS chooses among them, and each kept detection's mask is the score-weighted mean of the
 masks (probabilities) of the pooled detections of its class whose boxes overlap its box by
-more than `vote_iou` (itself included: "mask voting"), thresholded by the caller.
+more than `vote_iou` (itself included: "mask voting"), thresholded by the caller. The votes
+need the views' masks as probabilities at the image's size (D x H x W floats per view, where
+the one-pass path thresholds chunk by chunk): ~0.4 GB per view for 100 detections on a
+1333 x 800 image.
 """
 
 from __future__ import annotations
