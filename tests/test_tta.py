@@ -98,7 +98,7 @@ def test_parse_tta_names_the_valid_choices_and_the_task() -> None:
         parse_tta(None, [0, 1], "semantic")
     with pytest.raises(UserError, match=r"got none$"):
         parse_tta("flip", [], "semantic")
-    assert parse_tta("flip", None, "instance") == TTA(flip=True)  # solov2's own flip test
+    assert parse_tta("flip", None, "instance") == TTA(flip=True)  # the model's own flip test
     with pytest.raises(UserError, match=r"^--tta-scales is for semantic runs; instance runs "
                                         r"take --tta flip \(solov2, mask_rcnn\)$"):
         parse_tta("flip", [1, 1.5], "instance")
