@@ -8,8 +8,9 @@ import torch
 from torchvision.ops import batched_nms
 
 from pixelwise.errors import UserError
+from pixelwise.models.fast_postprocess import mask_maskness
 from pixelwise.models.rcnn import mask_rcnn
-from pixelwise.models.rcnn_tta import mask_maskness, merge_views, mirror_detections
+from pixelwise.models.rcnn_tta import merge_views, mirror_detections
 from pixelwise.predict.tta import TTA, apply_tta
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,6 +56,10 @@ def test_merge_views_keeps_nms_winners_and_votes_their_masks() -> None:
     # (0.9 x 1 + 0.6 x 0) / (0.9 + 0.6): the shifted box (IoU 0.6) does not vote
     torch.testing.assert_close(merged["masks"][0], torch.full((1, 2, 2), 0.6))
     assert torch.equal(merged["masks"][1], ones[0])
+    # a kept detection whose voters all score 0 keeps its own mask
+    zero = _detections([[0, 0, 10, 10]], [3], [0.0], torch.full((1, 1, 2, 2), 0.8))
+    (kept,) = merge_views([zero], nms_thresh=0.5, max_detections=10)["masks"]
+    assert torch.equal(kept, torch.full((1, 2, 2), 0.8))
     # no voting: each kept detection's own mask; max_detections cuts by score
     plain = merge_views([a, b], nms_thresh=0.5, max_detections=1, vote_iou=None)
     assert torch.equal(plain["masks"], ones) and torch.equal(plain["scores"],

@@ -78,7 +78,6 @@ from torchvision.models.detection.transform import (
 )
 from torchvision.ops import boxes as box_ops
 
-from pixelwise.models.rcnn_tta import mask_maskness
 from pixelwise.ops.roi_mosaic import Mosaic
 from pixelwise.upsample import TransposedConv
 
@@ -525,6 +524,14 @@ def _heatmaps_to_keypoints(maps: torch.Tensor, rois: torch.Tensor
 # ----------------------------------------------------------------------------- modules
 
 
+def mask_maskness(probabilities: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """SOLOv2's maskness of masks (D, ...) of probabilities: the mean probability over each
+    mask's pixels at or above `threshold` (0 for a mask without any), shape (D,)."""
+    flat = probabilities.to(torch.float32).flatten(1)  # (D, ...) -> (D, P)
+    inside = flat >= threshold
+    return (flat * inside).sum(1) / inside.sum(1).clamp_min(1)
+
+
 def _rescored_by_maskness(detections: dict[str, torch.Tensor], power: float
                           ) -> dict[str, torch.Tensor]:
     """One image's detections (masks (D, 1, m, m) probabilities) with scores x maskness **
@@ -568,7 +575,7 @@ class FastRoIHeads(RoIHeads):
                                       self.box_coder, self.score_thresh, self.nms_thresh,
                                       self.detections_per_img)
 
-    #: at eval, each detection's score times its mask's maskness (`rcnn_tta.mask_maskness` of
+    #: at eval, each detection's score times its mask's maskness (`mask_maskness` of
     #: the RoI mask, as SOLOv2 scores its masks) to this power, detections re-sorted by the new
     #: score; 0 keeps the box head's scores (torchvision's)
     maskness: float = 0.0
@@ -699,6 +706,6 @@ class RCNNTransform(GeneralizedRCNNTransform):
 
 __all__ = [
     "CHUNK_ELEMENTS", "FastRoIHeads", "NNPACK_AVAILABLE", "RCNNTransform", "batched_nms_top_k",
-    "heatmaps_to_keypoints", "keypoint_logits", "paste_masks", "postprocess_detections",
-    "run_conv_stack", "selected_mask_logits",
+    "heatmaps_to_keypoints", "keypoint_logits", "mask_maskness", "paste_masks",
+    "postprocess_detections", "run_conv_stack", "selected_mask_logits",
 ]

@@ -55,24 +55,15 @@ def merge_views(views: Sequence[dict[str, torch.Tensor]], *, nms_thresh: float,
     same_class = labels[keep][:, None] == labels[None, :]  # (D, N)
     voters = same_class & (box_iou(boxes[keep].float(), boxes.float()) > vote_iou)  # (D, N)
     weights = voters.to(torch.float32) * scores.float()[None, :]  # (D, N)
-    # a kept detection always votes for itself (IoU 1); a score of 0 would leave no weight
-    total = weights.sum(1).clamp_min(torch.finfo(torch.float32).tiny)  # (D,)
+    # a kept detection always votes for itself (IoU 1); only zero scores leave no weight
+    total = weights.sum(1)  # (D,)
     masks = pooled["masks"].to(torch.float32).flatten(1)  # (N, 1, H, W) -> (N, H * W)
-    voted = (weights @ masks) / total[:, None]  # (D, H * W)
+    voted = (weights @ masks) / total.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
     merged["masks"] = voted.view(len(keep), *pooled["masks"].shape[1:])  # (D, 1, H, W)
-    own = weights.sum(1) == 0  # only zero-score voters: the detection's own mask
+    own = total == 0  # no weight: the detection's own mask
     if bool(own.any()):
         merged["masks"][own] = pooled["masks"][keep][own].to(torch.float32)
     return merged
 
 
-def mask_maskness(probabilities: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """SOLOv2's maskness of masks (D, ...) of probabilities: the mean probability over each
-    mask's pixels at or above `threshold` (0 for a mask without any), shape (D,)."""
-    flat = probabilities.to(torch.float32).flatten(1)  # (D, ...) -> (D, P)
-    inside = flat >= threshold
-    return (flat * inside).sum(1) / inside.sum(1).clamp_min(1)
-
-
-__all__ = ["DETECTION_KEYS", "FLIP_VOTE_IOU", "mask_maskness", "merge_views",
-           "mirror_detections"]
+__all__ = ["DETECTION_KEYS", "FLIP_VOTE_IOU", "merge_views", "mirror_detections"]
